@@ -1,0 +1,1 @@
+"""Storage: the hot store (balances and live reservations), the durable database, the bus."""

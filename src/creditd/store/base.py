@@ -1,0 +1,173 @@
+"""The hot store interface.
+
+Each method is one atomic unit: the embedded store runs it without yielding to the event
+loop, the Redis store runs it as one Lua script. Every balance change appends the ledger
+entries, events and session states it implies to the store's outbox in the same atomic
+step; a flusher moves them to the database in batches (see creditd.store.flusher).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from creditd.domain.records import BalanceType, LedgerRecord, Record
+from creditd.domain.tariff import SliceTerms
+from creditd.domain.wallet import Constraint, WalletConfig, WalletState
+from creditd.errors import Unavailable
+
+
+class StoreUnavailable(Unavailable):
+    """The hot store or the database cannot be reached; nothing was changed or granted."""
+
+    code = "UNAVAILABLE"
+    reason = "STORE_UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Payer:
+    """One account that pays for a voice slice, and the terms of its current price segment."""
+
+    account_id: str
+    terms: SliceTerms
+
+
+@dataclass(frozen=True)
+class SessionOpen:
+    """Present on the first reservation of a session: creates it and checks concurrency."""
+
+    client_id: str
+    channel: int
+    direction: int
+    provider: str
+    max_concurrent: int  # 0: no cap
+    expires_at: float  # released if not started (or resumed) by then
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    session_id: str
+    agency_id: str
+    balance_type: BalanceType
+    want_seconds: int
+    payers: tuple[Payer, ...]
+    now: float
+    open: SessionOpen | None = None
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    granted_seconds: int  # seconds added by this call (0: nothing could be reserved)
+    total_granted_seconds: int  # cumulative seconds granted to the session
+    headroom_seconds: int | None  # seconds every payer could still pay for before this call
+    limited_by: tuple[str, Constraint] | None = None  # the payer and rule that bound the slice
+    concurrency_denied: bool = False
+    reserved: dict[str, int] = field(default_factory=dict)  # cumulative per payer
+
+
+@dataclass(frozen=True)
+class SettleRequest:
+    session_id: str
+    agency_id: str
+    billed_seconds: int
+    costs: dict[str, int]  # account id -> micro-credits owed for billed_seconds
+    now: float
+    cutoff_reason: int = 0
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    billed_seconds: int
+    charged: dict[str, int]
+    already_settled: bool
+    cutoff_reason: int = 0
+
+
+@dataclass(frozen=True)
+class SmsDebitRequest:
+    message_id: str
+    session_id: str
+    agency_id: str
+    client_id: str
+    segments: int
+    costs: dict[str, int]  # account id -> micro-credits, every payer of the message
+    now: float
+
+
+@dataclass(frozen=True)
+class SmsDebitResult:
+    allowed: bool
+    charged: dict[str, int]
+    limited_by: tuple[str, Constraint] | None = None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    agency_id: str
+    client_id: str
+    channel: int
+    direction: int
+    provider: str
+    status: str  # "open" or "settled"
+    granted_seconds: int
+    reserved: dict[str, int]
+    expires_at: float
+    billed_seconds: int = 0
+    charged: dict[str, int] = field(default_factory=dict)
+    cutoff_reason: int = 0
+
+
+class HotStore(abc.ABC):
+    """Balances and live reservations, shared by every replica that uses the same store."""
+
+    @abc.abstractmethod
+    async def configure_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+    ) -> list[Record]:
+        """Create the wallet or change its configuration. Returns records of a new period."""
+
+    @abc.abstractmethod
+    async def read_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, now: float
+    ) -> WalletState | None:
+        """The wallet as of `now` (a period that ended is rolled over first)."""
+
+    @abc.abstractmethod
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Reserve up to want_seconds more on every payer at once: all the same seconds or none."""
+
+    @abc.abstractmethod
+    async def settle(self, request: SettleRequest) -> SettleResult:
+        """Debit what was used, release the rest of the reservation. Exactly once per session."""
+
+    @abc.abstractmethod
+    async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
+        """Debit one message on every payer at once, or deny it. Exactly once per message_id."""
+
+    @abc.abstractmethod
+    async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
+        """Credit a durable top-up entry. Applying the same entry again changes nothing."""
+
+    @abc.abstractmethod
+    async def session(self, agency_id: str, session_id: str) -> SessionState | None: ...
+
+    @abc.abstractmethod
+    async def live_sessions(self, agency_id: str) -> list[SessionState]:
+        """Sessions of the agency and its clients that are not settled yet."""
+
+    @abc.abstractmethod
+    async def take_records(self, limit: int) -> list[tuple[str, Record]]:
+        """Outbox records not yet acknowledged, oldest first, with their outbox ids."""
+
+    @abc.abstractmethod
+    async def ack_records(self, ids: list[str]) -> None:
+        """Forget records the database now holds."""
+
+    @abc.abstractmethod
+    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
+        """Replace everything held with state rebuilt from the database (agency id, wallet)."""
+
+    async def close(self) -> None:
+        return None
