@@ -104,3 +104,15 @@ class SessionRecord:
 
 
 Record = LedgerRecord | EventRecord | SessionRecord
+
+
+class DenyReason(enum.IntEnum):
+    # Values match creditd.v1.DenyReason.
+    NONE = 0
+    CLIENT_CREDITS_EXHAUSTED = 1
+    AGENCY_CREDITS_EXHAUSTED = 2
+    USAGE_LIMIT_REACHED = 3
+    SUBSCRIPTION_INACTIVE = 4
+    CONCURRENCY_LIMIT_REACHED = 5
+    SESSION_ABANDONED = 6
+    SERVICE_UNAVAILABLE = 7

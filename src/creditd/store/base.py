@@ -158,6 +158,10 @@ class HotStore(abc.ABC):
         """Sessions of the agency and its clients that are not settled yet."""
 
     @abc.abstractmethod
+    async def append_records(self, agency_id: str, records: list[Record]) -> None:
+        """Add records that change no balance (an SMS cutoff event) to the outbox."""
+
+    @abc.abstractmethod
     async def take_records(self, limit: int) -> list[tuple[str, Record]]:
         """Outbox records not yet acknowledged, oldest first, with their outbox ids."""
 

@@ -1,0 +1,1 @@
+"""The gRPC layer: servicers, authentication, conversions and the error model."""

@@ -1,0 +1,130 @@
+"""Assembly of one creditd replica: stores, engine and gRPC server, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
+
+from creditd.api.auth import Authenticator
+from creditd.api.servicers import AccountServicer, LedgerServicer, MeteringServicer
+from creditd.config import Settings
+from creditd.db import Database
+from creditd.db.migrate import upgrade
+from creditd.engine.accounts import Accounts
+from creditd.engine.bus import LocalBus
+from creditd.engine.context import Context
+from creditd.engine.durability import Flusher, rebuild
+from creditd.engine.ledger import Ledger
+from creditd.engine.metering import Metering
+from creditd.store.base import HotStore
+from creditd.store.embedded import EmbeddedHotStore
+from creditd.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (
+    metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name,
+    ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+async def migrate(url: str) -> None:
+    """Create the database file's folder if needed and bring the schema to the newest version."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = Path(parsed.database).expanduser().parent
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(upgrade, url)
+
+
+def make_store(settings: Settings) -> HotStore:
+    if settings.redis_url:
+        raise SystemExit("CREDITD_REDIS_URL is set but this build has no Redis store")
+    return EmbeddedHotStore()
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.admin_token = settings.admin_token or f"cdk_bootstrap_{secrets.token_urlsafe(24).replace('_', '-')}"
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        settings = self.settings
+        if is_sqlite(settings.database_url):
+            await migrate(settings.database_url)
+        self.db = Database(settings.database_url)
+        await self.db.ping()
+        self.ctx = Context(settings, make_store(settings), self.db, LocalBus())
+        await self.ctx.bus.start()
+        await self.ctx.catalog.load()
+        settled = await rebuild(self.ctx)
+        if settled:
+            log.warning("settled %d sessions left open by an earlier run", settled)
+        self.flusher = Flusher(self.ctx)
+        self.flusher.start()
+        self.metering = Metering(self.ctx)
+        await self.metering.start()
+        self.auth = Authenticator(self.ctx, self.admin_token)
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server(
+            MeteringServicer(self.ctx, self.auth, self.metering), server
+        )
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(self.ctx, self.auth, Ledger(self.ctx)), server
+        )
+        account_pb2_grpc.add_AccountServiceServicer_to_server(
+            AccountServicer(self.ctx, self.auth, Accounts(self.ctx)), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(settings.listen)
+        if not self.port:
+            raise SystemExit(f"cannot listen on {settings.listen}")
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.metering.close()
+        await self.flusher.close()
+        await self.ctx.store.close()
+        await self.ctx.bus.close()
+        await self.db.close()

@@ -1,0 +1,94 @@
+"""Settings from CREDITD_* environment variables (command-line flags override them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from creditd.domain.rates import (
+    PLATFORM_FREE_SMS_MICROS,
+    PLATFORM_FREE_VOICE_MICROS,
+    PLATFORM_RATES,
+    RateCard,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "creditd"
+
+
+def default_database_url() -> str:
+    return f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'creditd.db'}"
+
+
+@dataclass
+class Settings:
+    listen: str = DEFAULT_LISTEN
+    database_url: str = field(default_factory=default_database_url)
+    redis_url: str = ""  # empty: the embedded hot store
+    admin_token: str = ""  # empty: a new random one each start, printed
+    # Sessions
+    slice_seconds: int = 60
+    renewal_lead_seconds: float = 15.0
+    warning_seconds: float = 10.0
+    grace_seconds: float = 30.0
+    authorize_ttl_seconds: float = 60.0
+    # Write-behind of usage to the database
+    flush_interval_seconds: float = 0.2
+    flush_batch: int = 500
+    # What the platform gives and charges agencies unless an agency is created with overrides
+    platform_free_voice_micros: int = PLATFORM_FREE_VOICE_MICROS
+    platform_free_sms_micros: int = PLATFORM_FREE_SMS_MICROS
+    platform_rates: RateCard = PLATFORM_RATES
+
+    def validate(self) -> None:
+        if self.slice_seconds < 1:
+            raise ValueError("CREDITD_SLICE_SECONDS must be at least 1")
+        if not self.warning_seconds > 0:
+            raise ValueError("CREDITD_WARNING_SECONDS must be positive")
+        if not self.renewal_lead_seconds > 0:
+            raise ValueError("CREDITD_RENEWAL_LEAD_SECONDS must be positive")
+        if self.grace_seconds < 0 or self.authorize_ttl_seconds <= 0:
+            raise ValueError("grace and authorization time-to-live must be positive")
+
+
+_ENV = {
+    "listen": ("CREDITD_LISTEN", str),
+    "database_url": ("CREDITD_DATABASE_URL", str),
+    "redis_url": ("CREDITD_REDIS_URL", str),
+    "admin_token": ("CREDITD_ADMIN_TOKEN", str),
+    "slice_seconds": ("CREDITD_SLICE_SECONDS", int),
+    "renewal_lead_seconds": ("CREDITD_RENEWAL_LEAD_SECONDS", float),
+    "warning_seconds": ("CREDITD_WARNING_SECONDS", float),
+    "grace_seconds": ("CREDITD_GRACE_SECONDS", float),
+    "authorize_ttl_seconds": ("CREDITD_AUTHORIZE_TTL_SECONDS", float),
+    "flush_interval_seconds": ("CREDITD_FLUSH_INTERVAL_SECONDS", float),
+    "platform_free_voice_micros": ("CREDITD_PLATFORM_FREE_VOICE_MICROS", int),
+    "platform_free_sms_micros": ("CREDITD_PLATFORM_FREE_SMS_MICROS", int),
+}
+
+
+def rate_card_from_json(text: str) -> RateCard:
+    """{"voice": {...}, "default_voice": n, "sms": {...}, "default_sms": n}, micro-credits."""
+    data = json.loads(text)
+    return RateCard(
+        voice={k.lower(): int(v) for k, v in data.get("voice", {}).items()},
+        default_voice=int(data.get("default_voice", PLATFORM_RATES.default_voice)),
+        sms={k.upper(): int(v) for k, v in data.get("sms", PLATFORM_RATES.sms).items()},
+        default_sms=int(data.get("default_sms", PLATFORM_RATES.default_sms)),
+    )
+
+
+def from_env(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, (variable, parse) in _ENV.items():
+        if env.get(variable):
+            values[name] = parse(env[variable])
+    if env.get("CREDITD_PLATFORM_RATES"):
+        values["platform_rates"] = rate_card_from_json(env["CREDITD_PLATFORM_RATES"])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.validate()
+    return settings

@@ -1,0 +1,573 @@
+"""The durable store: catalog, API keys, ledger, events and sessions, on SQLite or Postgres.
+
+Every method is one transaction. The schema comes from the Alembic migrations
+(creditd.db.migrate.upgrade); this class never creates tables itself. Connection failures
+surface as StoreUnavailable so callers fail closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from creditd.db import tables as t
+from creditd.domain.accounts import Account, AccountKind, ApiKey, BalanceSettings, BillingMode, Plan, Role
+from creditd.domain.rates import RateCard
+from creditd.domain.records import (
+    BalanceType,
+    EntryKind,
+    EventRecord,
+    EventType,
+    LedgerRecord,
+    Record,
+    SessionRecord,
+    TopupKind,
+)
+from creditd.domain.wallet import RefillSettings
+from creditd.errors import AlreadyExists, InvalidArgument, NotFound
+from creditd.store.base import StoreUnavailable
+
+# Transactions that insert events hold this Postgres advisory lock from just before their
+# event inserts until commit, so event seqs become visible in order and a poller reading
+# `seq > last_seen` never skips an event that commits late.
+_EVENTS_LOCK = 0x63726564_6576  # "cred" "ev"
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError)
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _ts(micros: int) -> float:
+    return micros / 1_000_000
+
+
+def _sum(value: Any) -> int:
+    return int(value or 0)  # Postgres sums bigints as numeric
+
+
+# -- serialization -------------------------------------------------------------------------
+
+
+def _rates_json(rates: RateCard) -> dict[str, Any]:
+    return {
+        "voice": dict(rates.voice),
+        "default_voice": rates.default_voice,
+        "sms": dict(rates.sms),
+        "default_sms": rates.default_sms,
+    }
+
+
+def _rates(data: Mapping[str, Any]) -> RateCard:
+    return RateCard(
+        voice={str(k): int(v) for k, v in data["voice"].items()},
+        default_voice=int(data["default_voice"]),
+        sms={str(k): int(v) for k, v in data["sms"].items()},
+        default_sms=int(data["default_sms"]),
+    )
+
+
+def _account_row(a: Account) -> dict[str, Any]:
+    return {
+        "account_id": a.account_id,
+        "kind": int(a.kind),
+        "agency_id": a.agency_id,
+        "display_name": a.display_name,
+        "plan_id": a.plan_id,
+        "billing_mode": int(a.billing_mode),
+        "inbound_active": a.inbound_active,
+        "outbound_active": a.outbound_active,
+        "anchor_day": a.anchor_day,
+        "free_voice_micros": a.free_voice_micros,
+        "free_sms_micros": a.free_sms_micros,
+        "platform_rates": None if a.platform_rates is None else _rates_json(a.platform_rates),
+        "settings": {
+            str(int(bt)): {
+                "refill": dataclasses.asdict(s.refill),
+                "low_balance_threshold_micros": s.low_balance_threshold_micros,
+            }
+            for bt, s in a.settings.items()
+        },
+        "created_at": _us(a.created_at),
+    }
+
+
+def _account(r: Mapping[Any, Any]) -> Account:
+    settings = {
+        BalanceType(int(bt)): BalanceSettings(
+            refill=RefillSettings(**s["refill"]),
+            low_balance_threshold_micros=int(s["low_balance_threshold_micros"]),
+        )
+        for bt, s in r["settings"].items()
+    }
+    return Account(
+        account_id=r["account_id"],
+        kind=AccountKind(r["kind"]),
+        agency_id=r["agency_id"],
+        display_name=r["display_name"],
+        plan_id=r["plan_id"],
+        billing_mode=BillingMode(r["billing_mode"]),
+        inbound_active=bool(r["inbound_active"]),
+        outbound_active=bool(r["outbound_active"]),
+        anchor_day=r["anchor_day"],
+        free_voice_micros=r["free_voice_micros"],
+        free_sms_micros=r["free_sms_micros"],
+        platform_rates=None if r["platform_rates"] is None else _rates(r["platform_rates"]),
+        settings=settings,
+        created_at=_ts(r["created_at"]),
+    )
+
+
+def _plan_row(p: Plan) -> dict[str, Any]:
+    row = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    row["rates"] = _rates_json(p.rates)
+    return row
+
+
+def _plan(r: Mapping[Any, Any]) -> Plan:
+    return Plan(**{**r, "rates": _rates(r["rates"])})
+
+
+def _key_row(k: ApiKey) -> dict[str, Any]:
+    return {
+        "key_id": k.key_id,
+        "role": int(k.role),
+        "account_id": k.account_id,
+        "secret_sha256": k.secret_sha256,
+        "description": k.description,
+        "created_at": _us(k.created_at),
+        "revoked_at": None if k.revoked_at is None else _us(k.revoked_at),
+    }
+
+
+def _key(r: Mapping[Any, Any]) -> ApiKey:
+    return ApiKey(
+        key_id=r["key_id"],
+        role=Role(r["role"]),
+        account_id=r["account_id"],
+        secret_sha256=r["secret_sha256"],
+        description=r["description"],
+        created_at=_ts(r["created_at"]),
+        revoked_at=None if r["revoked_at"] is None else _ts(r["revoked_at"]),
+    )
+
+
+def _entry_row(e: LedgerRecord) -> dict[str, Any]:
+    row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+    row.update(
+        balance_type=int(e.balance_type),
+        kind=int(e.kind),
+        topup_kind=None if e.topup_kind is None else int(e.topup_kind),
+        created_at=_us(e.created_at),
+    )
+    return row
+
+
+def _entry(r: Mapping[Any, Any]) -> LedgerRecord:
+    row = dict(r)
+    del row["seq"]
+    row.update(
+        balance_type=BalanceType(r["balance_type"]),
+        kind=EntryKind(r["kind"]),
+        topup_kind=None if r["topup_kind"] is None else TopupKind(r["topup_kind"]),
+        created_at=_ts(r["created_at"]),
+    )
+    return LedgerRecord(**row)
+
+
+def _event_row(e: EventRecord) -> dict[str, Any]:
+    row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+    row.update(
+        type=int(e.type),
+        balance_type=int(e.balance_type),
+        created_at=_us(e.created_at),
+        attributes=dict(e.attributes),
+    )
+    return row
+
+
+def _event(r: Mapping[Any, Any]) -> EventRecord:
+    row = dict(r)
+    del row["seq"]
+    row.update(
+        type=EventType(r["type"]),
+        balance_type=BalanceType(r["balance_type"]),
+        created_at=_ts(r["created_at"]),
+    )
+    return EventRecord(**row)
+
+
+def _session_row(s: SessionRecord) -> dict[str, Any]:
+    row = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    row.update(reserved=dict(s.reserved), charged=dict(s.charged), updated_at=_us(s.updated_at))
+    return row
+
+
+def _session(r: Mapping[Any, Any]) -> SessionRecord:
+    return SessionRecord(**{**r, "updated_at": _ts(r["updated_at"])})
+
+
+def _cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        value = int(cursor)
+    except ValueError:
+        raise InvalidArgument("malformed page cursor", field="page_token") from None
+    if value <= 0:
+        raise InvalidArgument("malformed page cursor", field="page_token")
+    return value
+
+
+def _check_limit(limit: int) -> None:
+    if limit <= 0:
+        raise InvalidArgument("page size must be positive", field="page_size")
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine = create_async_engine(url, pool_pre_ping=True)
+        self._dialect = self._engine.dialect.name
+        if self._dialect not in ("postgresql", "sqlite"):
+            raise ValueError(f"unsupported database dialect {self._dialect!r}")
+        if self._dialect == "sqlite":
+            sa_event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+
+    def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        return postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
+
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    async def insert_account(self, account: Account, records: Sequence[Record] = ()) -> None:
+        async with self._tx() as conn:
+            try:
+                await conn.execute(sa.insert(t.accounts), _account_row(account))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(
+                    f"account {account.account_id} already exists", account_id=account.account_id
+                ) from None
+            await self._write(conn, records)
+
+    async def update_account(self, account: Account) -> None:
+        row = _account_row(account)
+        async with self._tx() as conn:
+            result = await conn.execute(
+                sa.update(t.accounts).where(t.accounts.c.account_id == row.pop("account_id")), row
+            )
+        if result.rowcount == 0:
+            raise NotFound(f"account {account.account_id} not found", account_id=account.account_id)
+
+    async def get_account(self, account_id: str) -> Account | None:
+        async with self._tx() as conn:
+            result = await conn.execute(sa.select(t.accounts).where(t.accounts.c.account_id == account_id))
+            row = result.mappings().first()
+        return None if row is None else _account(row)
+
+    async def list_accounts(self) -> list[Account]:
+        async with self._tx() as conn:
+            result = await conn.execute(sa.select(t.accounts).order_by(t.accounts.c.account_id))
+            return [_account(r) for r in result.mappings()]
+
+    async def insert_plan(self, plan: Plan) -> None:
+        async with self._tx() as conn:
+            try:
+                await conn.execute(sa.insert(t.plans), _plan_row(plan))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(
+                    f"plan {plan.plan_id} already exists", agency_id=plan.agency_id, plan_id=plan.plan_id
+                ) from None
+
+    async def update_plan(self, plan: Plan) -> None:
+        row = _plan_row(plan)
+        key = sa.and_(t.plans.c.agency_id == row.pop("agency_id"), t.plans.c.plan_id == row.pop("plan_id"))
+        async with self._tx() as conn:
+            result = await conn.execute(sa.update(t.plans).where(key), row)
+        if result.rowcount == 0:
+            raise NotFound(f"plan {plan.plan_id} not found", agency_id=plan.agency_id, plan_id=plan.plan_id)
+
+    async def get_plan(self, agency_id: str, plan_id: str) -> Plan | None:
+        query = sa.select(t.plans).where(t.plans.c.agency_id == agency_id, t.plans.c.plan_id == plan_id)
+        async with self._tx() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _plan(row)
+
+    async def list_plans(self) -> list[Plan]:
+        async with self._tx() as conn:
+            result = await conn.execute(sa.select(t.plans).order_by(t.plans.c.agency_id, t.plans.c.plan_id))
+            return [_plan(r) for r in result.mappings()]
+
+    # -- API keys --------------------------------------------------------------------------
+
+    async def insert_api_key(self, key: ApiKey) -> None:
+        async with self._tx() as conn:
+            try:
+                await conn.execute(sa.insert(t.api_keys), _key_row(key))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(f"API key {key.key_id} already exists", key_id=key.key_id) from None
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        async with self._tx() as conn:
+            result = await conn.execute(sa.select(t.api_keys).where(t.api_keys.c.key_id == key_id))
+            row = result.mappings().first()
+        return None if row is None else _key(row)
+
+    async def revoke_api_key(self, key_id: str, now: float) -> ApiKey | None:
+        """Revoke a key (a key revoked before keeps its first revocation time)."""
+        c = t.api_keys.c
+        async with self._tx() as conn:
+            await conn.execute(
+                sa.update(t.api_keys).where(c.key_id == key_id, c.revoked_at.is_(None)).values(revoked_at=_us(now))
+            )
+            row = (await conn.execute(sa.select(t.api_keys).where(c.key_id == key_id))).mappings().first()
+        return None if row is None else _key(row)
+
+    async def list_api_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        query = sa.select(t.api_keys).order_by(t.api_keys.c.created_at, t.api_keys.c.key_id)
+        if account_id is not None:
+            query = query.where(t.api_keys.c.account_id == account_id)
+        async with self._tx() as conn:
+            return [_key(r) for r in (await conn.execute(query)).mappings()]
+
+    # -- ledger ----------------------------------------------------------------------------
+
+    async def insert_topup(
+        self, entry: LedgerRecord, fingerprint: str, event: EventRecord
+    ) -> tuple[LedgerRecord, str, bool]:
+        """Record a top-up exactly once per idempotency key.
+
+        Returns (entry, fingerprint, True) when this call wrote it, else the entry and the
+        fingerprint of the first call with the key, and False.
+        """
+        if not entry.idempotency_key:
+            raise InvalidArgument("a top-up needs an idempotency key", field="idempotency_key")
+        try:
+            async with self._tx() as conn:
+                await conn.execute(
+                    sa.insert(t.idempotency_keys),
+                    {
+                        "idempotency_key": entry.idempotency_key,
+                        "fingerprint": fingerprint,
+                        "entry_id": entry.entry_id,
+                        "created_at": _us(entry.created_at),
+                    },
+                )
+                await conn.execute(sa.insert(t.ledger_entries), _entry_row(entry))
+                await self._insert_events(conn, [_event_row(event)])
+            return entry, fingerprint, True
+        except sa.exc.IntegrityError:
+            pass
+        k, e = t.idempotency_keys, t.ledger_entries
+        query = (
+            sa.select(k.c.fingerprint, e)
+            .join(e, e.c.entry_id == k.c.entry_id)
+            .where(k.c.idempotency_key == entry.idempotency_key)
+        )
+        async with self._tx() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:  # the conflict was not on the key (e.g. a reused entry id)
+            raise AlreadyExists(f"ledger entry {entry.entry_id} already exists", entry_id=entry.entry_id)
+        original = dict(row)
+        original_fingerprint = str(original.pop("fingerprint"))
+        return _entry(original), original_fingerprint, False
+
+    async def write_records(self, records: Sequence[Record]) -> None:
+        """Write outbox records; records already written (by id) are left as they are."""
+        if records:
+            async with self._tx() as conn:
+                await self._write(conn, records)
+
+    async def _write(self, conn: AsyncConnection, records: Iterable[Record]) -> None:
+        entries: dict[str, dict[str, Any]] = {}
+        events: dict[str, dict[str, Any]] = {}
+        sessions: dict[str, SessionRecord] = {}
+        for record in records:
+            if isinstance(record, LedgerRecord):
+                entries.setdefault(record.entry_id, _entry_row(record))
+            elif isinstance(record, EventRecord):
+                events.setdefault(record.event_id, _event_row(record))
+            else:
+                previous = sessions.get(record.session_id)
+                if previous is None or previous.status != "settled" or record.status == "settled":
+                    sessions[record.session_id] = record
+        if entries:
+            stmt = self._insert(t.ledger_entries).on_conflict_do_nothing(index_elements=["entry_id"])
+            await conn.execute(stmt, list(entries.values()))
+        if sessions:
+            ins = self._insert(t.sessions)
+            upsert = ins.on_conflict_do_update(
+                index_elements=["session_id"],
+                set_={c.name: ins.excluded[c.name] for c in t.sessions.c if c.name != "session_id"},
+                where=sa.or_(t.sessions.c.status != "settled", ins.excluded.status == "settled"),
+            )
+            await conn.execute(upsert, [_session_row(s) for s in sessions.values()])
+        if events:
+            await self._insert_events(conn, list(events.values()))
+
+    async def _insert_events(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Insert events last in a transaction (see _EVENTS_LOCK)."""
+        if self._dialect == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_EVENTS_LOCK)))
+        stmt = self._insert(t.events).on_conflict_do_nothing(index_elements=["event_id"])
+        await conn.execute(stmt, rows)
+
+    async def list_ledger(
+        self, account_id: str, balance_type: BalanceType | None, limit: int, cursor: str | None
+    ) -> tuple[list[LedgerRecord], str | None]:
+        """A page of an account's ledger, newest first, and the cursor of the next page."""
+        c = t.ledger_entries.c
+        query = sa.select(t.ledger_entries).where(c.account_id == account_id)
+        if balance_type is not None:
+            query = query.where(c.balance_type == int(balance_type))
+        rows = await self._page(query, c.seq, limit, cursor)
+        return [_entry(r) for r in rows[:limit]], _next_cursor(rows, limit)
+
+    async def list_events(
+        self, account_ids: Sequence[str], limit: int, cursor: str | None
+    ) -> tuple[list[EventRecord], str | None]:
+        """A page of the accounts' events, newest first, and the cursor of the next page."""
+        if not account_ids:
+            _check_limit(limit)
+            return [], None
+        query = sa.select(t.events).where(t.events.c.account_id.in_(list(account_ids)))
+        rows = await self._page(query, t.events.c.seq, limit, cursor)
+        return [_event(r) for r in rows[:limit]], _next_cursor(rows, limit)
+
+    async def _page(
+        self, query: sa.Select[Any], seq: sa.ColumnElement[int], limit: int, cursor: str | None
+    ) -> list[sa.RowMapping]:
+        _check_limit(limit)
+        before = _cursor(cursor)
+        if before is not None:
+            query = query.where(seq < before)
+        async with self._tx() as conn:
+            result = await conn.execute(query.order_by(seq.desc()).limit(limit + 1))
+            return list(result.mappings())
+
+    async def events_after(
+        self, account_ids: Sequence[str], after_seq: int, limit: int = 1000
+    ) -> tuple[list[EventRecord], int]:
+        """Events with seq > after_seq, oldest first (at most `limit`), and the highest seq seen.
+
+        after_seq < 0 returns no events, only the accounts' current highest seq (0: none).
+        """
+        c = t.events.c
+        ids = list(account_ids)
+        if not ids:
+            return [], max(after_seq, 0)
+        async with self._tx() as conn:
+            if after_seq < 0:
+                top = await conn.scalar(sa.select(sa.func.max(c.seq)).where(c.account_id.in_(ids)))
+                return [], _sum(top)
+            query = sa.select(t.events).where(c.account_id.in_(ids), c.seq > after_seq).order_by(c.seq).limit(limit)
+            rows = list((await conn.execute(query)).mappings())
+        return [_event(r) for r in rows], (int(rows[-1]["seq"]) if rows else after_seq)
+
+    async def get_ledger_entry(self, entry_id: str) -> LedgerRecord | None:
+        query = sa.select(t.ledger_entries).where(t.ledger_entries.c.entry_id == entry_id)
+        async with self._tx() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _entry(row)
+
+    # -- rebuilding hot state --------------------------------------------------------------
+
+    async def wallet_totals(self) -> dict[tuple[str, BalanceType], tuple[int, int]]:
+        """(account, balance) -> (free, purchased) micro-credits, summed over the whole ledger."""
+        c = t.ledger_entries.c
+        query = sa.select(
+            c.account_id, c.balance_type, sa.func.sum(c.free_micros), sa.func.sum(c.purchased_micros)
+        ).group_by(c.account_id, c.balance_type)
+        async with self._tx() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(str(a), BalanceType(b)): (_sum(free), _sum(purchased)) for a, b, free, purchased in rows}
+
+    async def usage_since(self, account_id: str, balance_type: BalanceType, since: float) -> int:
+        c = t.ledger_entries.c
+        query = sa.select(sa.func.sum(c.usage_micros)).where(
+            c.account_id == account_id, c.balance_type == int(balance_type), c.created_at >= _us(since)
+        )
+        async with self._tx() as conn:
+            return _sum(await conn.scalar(query))
+
+    async def period_mark(self, account_id: str, balance_type: BalanceType) -> float | None:
+        """When the account's newest period began to be recorded: its last free allowance or expiry."""
+        c = t.ledger_entries.c
+        query = sa.select(sa.func.max(c.created_at)).where(
+            c.account_id == account_id,
+            c.balance_type == int(balance_type),
+            c.kind.in_([int(EntryKind.FREE_ALLOWANCE), int(EntryKind.FREE_EXPIRY)]),
+        )
+        async with self._tx() as conn:
+            value = await conn.scalar(query)
+        return None if value is None else int(value) / 1_000_000
+
+    async def count_events_since(
+        self, account_id: str, balance_type: BalanceType, type_: EventType, since: float
+    ) -> int:
+        c = t.events.c
+        query = sa.select(sa.func.count()).where(
+            c.account_id == account_id,
+            c.balance_type == int(balance_type),
+            c.type == int(type_),
+            c.created_at >= _us(since),
+        )
+        async with self._tx() as conn:
+            return _sum(await conn.scalar(query))
+
+    async def open_sessions(self) -> list[SessionRecord]:
+        query = sa.select(t.sessions).where(t.sessions.c.status == "open").order_by(t.sessions.c.session_id)
+        async with self._tx() as conn:
+            return [_session(r) for r in (await conn.execute(query)).mappings()]
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        async with self._tx() as conn:
+            result = await conn.execute(sa.select(t.sessions).where(t.sessions.c.session_id == session_id))
+            row = result.mappings().first()
+        return None if row is None else _session(row)
+
+    async def sms_message_ids(self, since: float) -> set[str]:
+        """message_id of every SMS usage entry created at or after `since`."""
+        c = t.ledger_entries.c
+        query = sa.select(c.message_id).where(c.kind == int(EntryKind.SMS_USAGE), c.created_at >= _us(since)).distinct()
+        async with self._tx() as conn:
+            return {str(m) for m in (await conn.scalars(query))}
+
+
+def _next_cursor(rows: list[sa.RowMapping], limit: int) -> str | None:
+    return str(rows[limit - 1]["seq"]) if len(rows) > limit else None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,99 @@
+"""What every part of the engine shares: settings, stores, the catalog cache and the bus."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from creditd.config import Settings
+from creditd.db import Database
+from creditd.domain.accounts import Account, Plan
+from creditd.engine.bus import LocalBus
+from creditd.errors import NotFound
+from creditd.store.base import HotStore
+
+
+class Catalog:
+    """Accounts and plans, cached in process so the hot path never waits on the database.
+
+    Entries are dropped when a "config:<account>" notification arrives and read again on
+    next use, so every replica sees an operator's change within one notification.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._accounts: dict[str, Account] = {}
+        self._plans: dict[tuple[str, str], Plan] = {}
+
+    async def load(self) -> None:
+        self._accounts = {a.account_id: a for a in await self._db.list_accounts()}
+        self._plans = {(p.agency_id, p.plan_id): p for p in await self._db.list_plans()}
+
+    def forget(self, account_id: str) -> None:
+        account = self._accounts.pop(account_id, None)
+        if account is not None and account.plan_id:
+            self._plans.pop((account.agency_id, account.plan_id), None)
+
+    def forget_plan(self, agency_id: str, plan_id: str) -> None:
+        self._plans.pop((agency_id, plan_id), None)
+
+    def put(self, account: Account) -> None:
+        self._accounts[account.account_id] = account
+
+    def put_plan(self, plan: Plan) -> None:
+        self._plans[(plan.agency_id, plan.plan_id)] = plan
+
+    async def find(self, account_id: str) -> Account | None:
+        account = self._accounts.get(account_id)
+        if account is None:
+            account = await self._db.get_account(account_id)
+            if account is not None:
+                self._accounts[account_id] = account
+        return account
+
+    async def account(self, account_id: str) -> Account:
+        account = await self.find(account_id)
+        if account is None:
+            raise NotFound(f"account {account_id!r} does not exist", "ACCOUNT_NOT_FOUND", account_id=account_id)
+        return account
+
+    async def find_plan(self, agency_id: str, plan_id: str) -> Plan | None:
+        plan = self._plans.get((agency_id, plan_id))
+        if plan is None:
+            plan = await self._db.get_plan(agency_id, plan_id)
+            if plan is not None:
+                self._plans[(agency_id, plan_id)] = plan
+        return plan
+
+    async def plan(self, agency_id: str, plan_id: str) -> Plan:
+        plan = await self.find_plan(agency_id, plan_id)
+        if plan is None:
+            raise NotFound(
+                f"plan {plan_id!r} of agency {agency_id!r} does not exist",
+                "PLAN_NOT_FOUND",
+                agency_id=agency_id,
+                plan_id=plan_id,
+            )
+        return plan
+
+    async def client_plan(self, client: Account) -> Plan | None:
+        return await self.plan(client.agency_id, client.plan_id) if client.plan_id else None
+
+    def clients_of_plan(self, agency_id: str, plan_id: str) -> list[str]:
+        return [a.account_id for a in self._accounts.values() if a.agency_id == agency_id and a.plan_id == plan_id]
+
+
+@dataclass
+class Context:
+    settings: Settings
+    store: HotStore
+    db: Database
+    bus: LocalBus
+    catalog: Catalog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.catalog = Catalog(self.db)
+
+    @staticmethod
+    def now() -> float:
+        return time.time()

@@ -1,0 +1,151 @@
+"""Write-behind of the hot store's outbox to the database, and the rebuild that reverses it.
+
+Crash-loss bound: a balance change reaches the database within one flush interval (plus
+the time of one batch write) after it happened in the hot store. If the hot store loses
+its memory before that, the rebuild from the database does not know of it: at most that
+window of usage is lost, never a top-up (top-ups commit to the database first). Sessions
+that were open at the crash are settled as if they used everything they had been granted,
+so a lost live call never gives away unpaid seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from creditd.domain.accounts import Account
+from creditd.domain.periods import period_bounds_epoch
+from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType
+from creditd.domain.wallet import WalletState
+from creditd.engine.context import Context
+from creditd.store.base import SessionState, SettleRequest
+
+log = logging.getLogger(__name__)
+
+
+class Flusher:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.oldest_pending: float | None = None  # created time of the oldest unflushed record
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="flusher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    def lag_seconds(self) -> float:
+        return 0.0 if self.oldest_pending is None else max(0.0, time.time() - self.oldest_pending)
+
+    async def flush(self) -> int:
+        """Move everything pending to the database; returns how many records moved."""
+        moved = 0
+        while True:
+            batch = await self.ctx.store.take_records(self.ctx.settings.flush_batch)
+            if not batch:
+                self.oldest_pending = None
+                return moved
+            self.oldest_pending = min(getattr(r, "created_at", getattr(r, "updated_at", 0.0)) for _, r in batch)
+            records = [record for _, record in batch]
+            await self.ctx.db.write_records(records)
+            await self.ctx.store.ack_records([record_id for record_id, _ in batch])
+            moved += len(batch)
+            if any(isinstance(r, EventRecord) for r in records):
+                await self.ctx.bus.publish("events")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except Exception as exc:  # the records stay in the outbox; try again
+                log.warning("write-behind failed, will retry: %s", exc)
+            await asyncio.sleep(self.ctx.settings.flush_interval_seconds)
+
+
+async def rebuild(ctx: Context) -> int:
+    """Load the hot store from the database, then settle sessions nobody is serving anymore.
+
+    Returns the number of sessions settled.
+    """
+    now = ctx.now()
+    db = ctx.db
+    totals = await db.wallet_totals()
+    open_sessions = await db.open_sessions()
+    reserved: dict[str, int] = {}
+    for record in open_sessions:
+        for account_id, micros in record.reserved.items():
+            reserved[account_id] = reserved.get(account_id, 0) + micros
+    wallets: list[tuple[str, WalletState]] = []
+    for account in await db.list_accounts():
+        plan = await ctx.catalog.client_plan(account)
+        for balance_type in BalanceType:
+            wallets.append((account.agency_id, await _wallet(ctx, account, balance_type, plan, totals, reserved)))
+    sessions = [
+        SessionState(
+            session_id=r.session_id,
+            agency_id=r.agency_id,
+            client_id=r.client_id,
+            channel=r.channel,
+            direction=r.direction,
+            provider=r.provider,
+            status=r.status,
+            granted_seconds=r.granted_seconds,
+            reserved=dict(r.reserved),
+            expires_at=now,
+        )
+        for r in open_sessions
+    ]
+    await ctx.store.load(wallets, sessions)
+    for session in sessions:
+        # Nobody can prove how much of the grant was used: bill all of it, which is
+        # exactly what was reserved, so no payer goes below zero.
+        await ctx.store.settle(
+            SettleRequest(
+                session_id=session.session_id,
+                agency_id=session.agency_id,
+                billed_seconds=session.granted_seconds,
+                costs=dict(session.reserved),
+                now=now,
+                cutoff_reason=int(DenyReason.SESSION_ABANDONED),
+            )
+        )
+    return len(sessions)
+
+
+async def _wallet(
+    ctx: Context,
+    account: Account,
+    balance_type: BalanceType,
+    plan: object,
+    totals: dict[tuple[str, BalanceType], tuple[int, int]],
+    reserved: dict[str, int],
+) -> WalletState:
+    config = account.wallet_config(balance_type, plan)  # type: ignore[arg-type]
+    mark = await ctx.db.period_mark(account.account_id, balance_type)
+    start, end = period_bounds_epoch(max(mark or 0.0, account.created_at), config.anchor_day)
+    free, purchased = totals.get((account.account_id, balance_type), (0, 0))
+    db = ctx.db
+    return WalletState(
+        account_id=account.account_id,
+        balance_type=balance_type,
+        config=config,
+        period_start=start,
+        period_end=end,
+        free_micros=free,
+        purchased_micros=purchased,
+        reserved_micros=reserved.get(account.account_id, 0) if balance_type is BalanceType.VOICE else 0,
+        used_micros=await db.usage_since(account.account_id, balance_type, start),
+        refills_this_period=await db.count_events_since(
+            account.account_id, balance_type, EventType.REFILL_REQUESTED, start
+        ),
+        limit_notified=await db.count_events_since(account.account_id, balance_type, EventType.LIMIT_REACHED, start)
+        > 0,
+    )

@@ -1,0 +1,114 @@
+"""Top-ups, balances, the ledger and events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from creditd.domain.accounts import Account
+from creditd.domain.records import (
+    BalanceType,
+    EntryKind,
+    EventRecord,
+    EventType,
+    LedgerRecord,
+    TopupKind,
+    new_id,
+)
+from creditd.domain.wallet import WalletState
+from creditd.engine.context import Context
+from creditd.errors import FailedPrecondition, NotFound
+
+# Grants are free credits of the current period; everything else is bought and never expires.
+_TO_FREE = {TopupKind.GRANT}
+
+
+def topup_fingerprint(account_id: str, balance_type: BalanceType, amount: int, kind: TopupKind, ref: str) -> str:
+    canonical = json.dumps([account_id, int(balance_type), amount, int(kind), ref])
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Ledger:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def topup(
+        self,
+        account_id: str,
+        balance_type: BalanceType,
+        amount: int,
+        kind: TopupKind,
+        idempotency_key: str,
+        external_ref: str,
+    ) -> tuple[LedgerRecord, WalletState]:
+        """Credit an account once per idempotency key; answered only after the database commit."""
+        account = await self.ctx.catalog.account(account_id)
+        if not account.has_wallet:
+            raise FailedPrecondition(
+                f"{account_id} is billed to its agency (AGENCY_PAID) and has no wallet to top up",
+                "NO_WALLET",
+                account_id=account_id,
+            )
+        now = self.ctx.now()
+        to_free = kind in _TO_FREE
+        entry = LedgerRecord(
+            entry_id=new_id(),
+            account_id=account_id,
+            balance_type=balance_type,
+            kind=EntryKind.TOPUP,
+            amount_micros=amount,
+            free_micros=amount if to_free else 0,
+            purchased_micros=0 if to_free else amount,
+            usage_micros=0,
+            created_at=now,
+            topup_kind=kind,
+            idempotency_key=idempotency_key,
+            external_ref=external_ref,
+        )
+        event = EventRecord(
+            event_id=new_id(),
+            account_id=account_id,
+            type=EventType.TOPUP_APPLIED,
+            balance_type=balance_type,
+            created_at=now,
+            amount_micros=amount,
+            idempotency_key=idempotency_key,
+            attributes={"kind": kind.name, "entry_id": entry.entry_id},
+        )
+        fingerprint = topup_fingerprint(account_id, balance_type, amount, kind, external_ref)
+        original, original_fingerprint, created = await self.ctx.db.insert_topup(entry, fingerprint, event)
+        if original_fingerprint != fingerprint:
+            raise FailedPrecondition(
+                "this idempotency_key was used with other parameters",
+                "IDEMPOTENCY_KEY_REUSED",
+                idempotency_key=idempotency_key,
+                entry_id=original.entry_id,
+            )
+        # Applying an entry twice changes nothing, so a retry also repairs a top-up whose
+        # first attempt committed but could not reach the hot store.
+        wallet = await self.ctx.store.apply_topup(account.agency_id, original, self.ctx.now())
+        await self.ctx.bus.publish(f"balance:{account_id}")
+        await self.ctx.bus.publish(f"credit:{account_id}")
+        if created:
+            await self.ctx.bus.publish("events")
+        return original, wallet
+
+    async def wallets(self, account_id: str) -> tuple[Account, dict[BalanceType, WalletState]]:
+        account = await self.ctx.catalog.account(account_id)
+        wallets: dict[BalanceType, WalletState] = {}
+        for balance_type in BalanceType:
+            wallet = await self.ctx.store.read_wallet(account.agency_id, account_id, balance_type, self.ctx.now())
+            if wallet is None:
+                raise NotFound(f"no wallet for {account_id}", "ACCOUNT_NOT_FOUND", account_id=account_id)
+            wallets[balance_type] = wallet
+        return account, wallets
+
+    async def entries(
+        self, account_id: str, balance_type: BalanceType | None, page_size: int, cursor: str | None
+    ) -> tuple[list[LedgerRecord], str | None]:
+        await self.ctx.catalog.account(account_id)
+        return await self.ctx.db.list_ledger(account_id, balance_type, page_size, cursor)
+
+    async def events(self, account_id: str, page_size: int, cursor: str | None) -> tuple[list[EventRecord], str | None]:
+        await self.ctx.catalog.account(account_id)
+        return await self.ctx.db.list_events([account_id], page_size, cursor)

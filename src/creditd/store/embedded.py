@@ -1,0 +1,290 @@
+"""The embedded hot store: balances and live sessions in this process.
+
+Every method runs from start to end without awaiting anything, so on one event loop each
+one is atomic, the same unit a Redis Lua script is. It serves one replica; several
+replicas need the Redis store.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import replace
+
+from creditd.domain.records import (
+    BalanceType,
+    EntryKind,
+    EventRecord,
+    EventType,
+    LedgerRecord,
+    Record,
+    SessionRecord,
+    new_id,
+)
+from creditd.domain.wallet import Constraint, WalletConfig, WalletState, new_wallet
+from creditd.errors import FailedPrecondition, NotFound
+from creditd.store.base import (
+    HotStore,
+    ReserveRequest,
+    ReserveResult,
+    SessionState,
+    SettleRequest,
+    SettleResult,
+    SmsDebitRequest,
+    SmsDebitResult,
+)
+
+
+class EmbeddedHotStore(HotStore):
+    def __init__(self) -> None:
+        self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
+        self._sessions: dict[str, SessionState] = {}
+        self._sms: dict[str, SmsDebitResult] = {}
+        self._topups: set[str] = set()
+        self._outbox: OrderedDict[str, Record] = OrderedDict()
+        self._ids = itertools.count(1)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _emit(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self._outbox[str(next(self._ids))] = record
+
+    def _wallet(self, account_id: str, balance_type: BalanceType, now: float) -> WalletState:
+        wallet = self._wallets.get((account_id, balance_type))
+        if wallet is None:
+            raise NotFound(f"no {balance_type.name.lower()} wallet for {account_id}", account_id=account_id)
+        self._emit(wallet.roll_period(now))
+        return wallet
+
+    def _session_record(self, state: SessionState, now: float) -> SessionRecord:
+        return SessionRecord(
+            session_id=state.session_id,
+            client_id=state.client_id,
+            agency_id=state.agency_id,
+            channel=state.channel,
+            direction=state.direction,
+            provider=state.provider,
+            status=state.status,
+            granted_seconds=state.granted_seconds,
+            billed_seconds=state.billed_seconds,
+            reserved=dict(state.reserved),
+            charged=dict(state.charged),
+            updated_at=now,
+            cutoff_reason=state.cutoff_reason,
+        )
+
+    # -- configuration and reads -------------------------------------------------------
+
+    async def configure_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+    ) -> list[Record]:
+        wallet = self._wallets.get((account_id, balance_type))
+        if wallet is None:
+            self._wallets[(account_id, balance_type)] = new_wallet(account_id, balance_type, config, now)
+            return []
+        wallet.config = config
+        if config.usage_limit_micros <= 0 or (wallet.limit_available() or 0) > 0:
+            wallet.limit_notified = False
+        records: list[Record] = list(wallet.roll_period(now))
+        self._emit(records)
+        return records
+
+    async def read_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, now: float
+    ) -> WalletState | None:
+        if (account_id, balance_type) not in self._wallets:
+            return None
+        return copy.copy(self._wallet(account_id, balance_type, now))
+
+    async def session(self, agency_id: str, session_id: str) -> SessionState | None:
+        return self._sessions.get(session_id)
+
+    async def live_sessions(self, agency_id: str) -> list[SessionState]:
+        return [s for s in self._sessions.values() if s.agency_id == agency_id and s.status == "open"]
+
+    # -- the atomic operations ---------------------------------------------------------
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        state = self._sessions.get(request.session_id)
+        if request.open is not None:
+            if state is not None:
+                return ReserveResult(0, state.granted_seconds, None, reserved=dict(state.reserved))
+            cap = request.open.max_concurrent
+            live = sum(
+                1
+                for s in self._sessions.values()
+                if s.client_id == request.open.client_id and s.status == "open" and s.channel == 1
+            )
+            if cap and live >= cap:
+                return ReserveResult(0, 0, None, concurrency_denied=True)
+        elif state is None or state.status != "open":
+            raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
+
+        wallets = [self._wallet(p.account_id, request.balance_type, request.now) for p in request.payers]
+        granted = state.granted_seconds if state else 0
+        limits: list[tuple[int, str, Constraint]] = []
+        for payer, wallet in zip(request.payers, wallets, strict=True):
+            headroom, constraint = wallet.headroom()
+            seconds = payer.terms.affordable(headroom)
+            if seconds is not None and constraint is not None:
+                limits.append((seconds, payer.account_id, constraint))
+        headroom_seconds = min((s for s, _, _ in limits), default=None)
+        seconds = request.want_seconds
+        if headroom_seconds is not None:
+            seconds = min(seconds, headroom_seconds)
+        limited_by = None
+        if headroom_seconds is not None and headroom_seconds < request.want_seconds:
+            _, account_id, constraint = min(limits, key=lambda item: item[0])
+            limited_by = (account_id, constraint)
+            if constraint is Constraint.LIMIT:
+                wallet = wallets[[p.account_id for p in request.payers].index(account_id)]
+                self._emit(wallet.limit_reached(request.now))
+        if seconds <= 0:
+            reserved = dict(state.reserved) if state else {}
+            return ReserveResult(0, granted, headroom_seconds, limited_by, reserved=reserved)
+
+        reserved = dict(state.reserved) if state else {}
+        for payer, wallet in zip(request.payers, wallets, strict=True):
+            micros = payer.terms.needed(seconds)
+            before = wallet.alert_level()
+            wallet.reserve(micros)
+            reserved[payer.account_id] = reserved.get(payer.account_id, 0) + micros
+            self._emit(wallet.alerts(before, request.now))
+        if state is None:
+            assert request.open is not None
+            state = SessionState(
+                session_id=request.session_id,
+                agency_id=request.agency_id,
+                client_id=request.open.client_id,
+                channel=request.open.channel,
+                direction=request.open.direction,
+                provider=request.open.provider,
+                status="open",
+                granted_seconds=0,
+                reserved={},
+                expires_at=request.open.expires_at,
+            )
+        state = replace(state, granted_seconds=granted + seconds, reserved=reserved)
+        self._sessions[request.session_id] = state
+        self._emit([self._session_record(state, request.now)])
+        return ReserveResult(seconds, state.granted_seconds, headroom_seconds, limited_by, reserved=reserved)
+
+    async def settle(self, request: SettleRequest) -> SettleResult:
+        state = self._sessions.get(request.session_id)
+        if state is None:
+            raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
+        if state.status == "settled":
+            return SettleResult(state.billed_seconds, dict(state.charged), True, state.cutoff_reason)
+        charged: dict[str, int] = {}
+        for account_id, reserved in state.reserved.items():
+            cost = min(request.costs.get(account_id, 0), reserved)
+            wallet = self._wallet(account_id, BalanceType.VOICE, request.now)
+            before = wallet.alert_level()
+            free, purchased = wallet.settle(reserved, cost)
+            charged[account_id] = cost
+            self._emit([_usage_entry(wallet, EntryKind.VOICE_USAGE, free, purchased, cost, request)])
+            self._emit(wallet.alerts(before, request.now))
+        if request.cutoff_reason:
+            self._emit([_cutoff_event(state, request)])
+        state = replace(
+            state,
+            status="settled",
+            billed_seconds=request.billed_seconds,
+            charged=charged,
+            cutoff_reason=request.cutoff_reason,
+        )
+        self._sessions[request.session_id] = state
+        self._emit([self._session_record(state, request.now)])
+        return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
+
+    async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
+        seen = self._sms.get(request.message_id)
+        if seen is not None:
+            return replace(seen, duplicate=True)
+        wallets = [self._wallet(account, BalanceType.SMS, request.now) for account in request.costs]
+        for wallet, cost in zip(wallets, request.costs.values(), strict=True):
+            headroom, constraint = wallet.headroom()
+            if headroom is not None and constraint is not None and headroom < cost:
+                if constraint is Constraint.LIMIT:
+                    self._emit(wallet.limit_reached(request.now))
+                return SmsDebitResult(False, {}, (wallet.account_id, constraint))
+        for wallet, cost in zip(wallets, request.costs.values(), strict=True):
+            before = wallet.alert_level()
+            free, purchased = wallet.debit(cost)
+            self._emit([_usage_entry(wallet, EntryKind.SMS_USAGE, free, purchased, cost, request)])
+            self._emit(wallet.alerts(before, request.now))
+        result = SmsDebitResult(True, dict(request.costs))
+        self._sms[request.message_id] = result
+        return result
+
+    async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
+        wallet = self._wallet(entry.account_id, entry.balance_type, now)
+        if entry.entry_id not in self._topups:
+            self._topups.add(entry.entry_id)
+            wallet.free_micros += entry.free_micros
+            wallet.purchased_micros += entry.purchased_micros
+            if (wallet.limit_available() or 0) > 0:
+                wallet.limit_notified = False
+        return copy.copy(wallet)
+
+    async def append_records(self, agency_id: str, records: list[Record]) -> None:
+        self._emit(records)
+
+    # -- outbox and rebuild ------------------------------------------------------------
+
+    async def take_records(self, limit: int) -> list[tuple[str, Record]]:
+        return list(itertools.islice(self._outbox.items(), limit))
+
+    async def ack_records(self, ids: list[str]) -> None:
+        for record_id in ids:
+            self._outbox.pop(record_id, None)
+
+    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
+        self._wallets = {(w.account_id, w.balance_type): w for _, w in wallets}
+        self._sessions = {s.session_id: s for s in sessions}
+        self._sms.clear()
+        self._topups.clear()
+
+
+def _cutoff_event(state: SessionState, request: SettleRequest) -> EventRecord:
+    return EventRecord(
+        event_id=new_id(),
+        account_id=state.client_id,
+        type=EventType.CUTOFF,
+        balance_type=BalanceType.VOICE if state.channel == 1 else BalanceType.SMS,
+        created_at=request.now,
+        session_id=state.session_id,
+        reason=request.cutoff_reason,
+        attributes={"billed_seconds": str(request.billed_seconds)},
+    )
+
+
+def _usage_entry(
+    wallet: WalletState,
+    kind: EntryKind,
+    free: int,
+    purchased: int,
+    usage: int,
+    request: SettleRequest | SmsDebitRequest,
+) -> LedgerRecord:
+    if isinstance(request, SmsDebitRequest):
+        message_id, quantity = request.message_id, request.segments
+    else:
+        message_id, quantity = "", request.billed_seconds
+    return LedgerRecord(
+        entry_id=new_id(),
+        account_id=wallet.account_id,
+        balance_type=wallet.balance_type,
+        kind=kind,
+        amount_micros=-(free + purchased),
+        free_micros=-free,
+        purchased_micros=-purchased,
+        usage_micros=usage,
+        created_at=request.now,
+        session_id=request.session_id,
+        message_id=message_id,
+        seconds=quantity,
+    )

@@ -1,0 +1,408 @@
+"""The durable store against a temporary SQLite file and a real, freshly created Postgres database."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from creditd.db import Database
+from creditd.db.migrate import downgrade, upgrade
+from creditd.db.tables import metadata
+from creditd.domain.accounts import (
+    Account,
+    AccountKind,
+    ApiKey,
+    BalanceSettings,
+    BillingMode,
+    Plan,
+    Role,
+)
+from creditd.domain.rates import RateCard
+from creditd.domain.records import (
+    BalanceType,
+    EntryKind,
+    EventRecord,
+    EventType,
+    LedgerRecord,
+    SessionRecord,
+    TopupKind,
+    new_id,
+)
+from creditd.domain.wallet import RefillSettings
+from creditd.errors import AlreadyExists, InvalidArgument, NotFound
+from creditd.store.base import StoreUnavailable
+
+VOICE, SMS = BalanceType.VOICE, BalanceType.SMS
+T0 = 1_700_000_000.0  # every timestamp below is T0 plus a multiple of 1/4 s: exact in binary
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    await asyncio.to_thread(upgrade, database_url)
+    db = Database(database_url)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def entry(account: str, free: int = 0, purchased: int = 0, usage: int = 0, **kw: Any) -> LedgerRecord:
+    fields: dict[str, Any] = {
+        "entry_id": new_id(),
+        "account_id": account,
+        "balance_type": VOICE,
+        "kind": EntryKind.VOICE_USAGE,
+        "amount_micros": free + purchased,
+        "free_micros": free,
+        "purchased_micros": purchased,
+        "usage_micros": usage,
+        "created_at": T0,
+    }
+    return LedgerRecord(**{**fields, **kw})
+
+
+def sms(account: str, message_id: str, at: float) -> LedgerRecord:
+    return entry(account, usage=80, balance_type=SMS, kind=EntryKind.SMS_USAGE, message_id=message_id, created_at=at)
+
+
+def event(account: str, type_: EventType = EventType.LOW_BALANCE, **kw: Any) -> EventRecord:
+    fields: dict[str, Any] = {
+        "event_id": new_id(),
+        "account_id": account,
+        "type": type_,
+        "balance_type": VOICE,
+        "created_at": T0,
+    }
+    return EventRecord(**{**fields, **kw})
+
+
+def topup(account: str, key: str, micros: int) -> tuple[LedgerRecord, EventRecord]:
+    e = entry(
+        account,
+        purchased=micros,
+        kind=EntryKind.TOPUP,
+        topup_kind=TopupKind.PURCHASE,
+        idempotency_key=key,
+        external_ref="stripe:pi_1",
+    )
+    return e, event(account, EventType.TOPUP_APPLIED, amount_micros=micros, idempotency_key=key)
+
+
+def session(sid: str, status: str, granted: int, at: float, **kw: Any) -> SessionRecord:
+    fields: dict[str, Any] = {
+        "session_id": sid,
+        "client_id": "c1",
+        "agency_id": "a1",
+        "channel": 1,
+        "direction": 1,
+        "provider": "deepgram",
+        "status": status,
+        "granted_seconds": granted,
+        "billed_seconds": 0,
+        "reserved": {"c1": granted * 1000, "a1": granted * 500},
+        "charged": {},
+        "updated_at": at,
+    }
+    return SessionRecord(**{**fields, **kw})
+
+
+def agency(account_id: str = "a1") -> Account:
+    return Account(
+        account_id=account_id,
+        kind=AccountKind.AGENCY,
+        agency_id=account_id,
+        display_name="Acme Reception",
+        free_voice_micros=0,  # a trial agency: 0 is a real value, not "default"
+        platform_rates=RateCard(voice={"elevenlabs": 2_000_000}, default_voice=1_000_000, sms={"US": 166_000}),
+        settings={
+            VOICE: BalanceSettings(
+                refill=RefillSettings(True, 5_000_000, 20_000_000, 0, 3),
+                low_balance_threshold_micros=7_000_000,
+            )
+        },
+        created_at=T0 + 0.25,
+    )
+
+
+async def test_migrations_match_tables_and_downgrade(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url)
+    await asyncio.to_thread(upgrade, database_url)  # a second run is a no-op
+    sync_url = sa.make_url(database_url)
+    if sync_url.drivername == "sqlite+aiosqlite":
+        sync_url = sync_url.set(drivername="sqlite")
+    engine = sa.create_engine(sync_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        await asyncio.to_thread(downgrade, database_url, "base")
+        with engine.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+async def test_ping_and_unreachable_database(database: Database, tmp_path: Path) -> None:
+    await database.ping()
+    for url in (
+        "postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
+        f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}",
+    ):
+        down = Database(url)
+        assert down.url == url
+        with pytest.raises(StoreUnavailable):
+            await down.ping()
+        with pytest.raises(StoreUnavailable):
+            await down.get_account("a1")
+        await down.close()
+
+
+async def test_accounts_round_trip_and_conflicts(database: Database) -> None:
+    a = agency()
+    allowance = entry("a1", free=300_000_000, kind=EntryKind.FREE_ALLOWANCE)
+    await database.insert_account(a, [allowance])
+    assert await database.get_account("a1") == a
+    assert await database.get_ledger_entry(allowance.entry_id) == allowance
+
+    # Agencies and clients share one namespace; a failed insert writes none of its records.
+    clash = Account("a1", AccountKind.CLIENT, "a0", plan_id="p", billing_mode=BillingMode.REBILLING)
+    stray = entry("a1", free=1)
+    with pytest.raises(AlreadyExists):
+        await database.insert_account(clash, [stray])
+    assert await database.get_ledger_entry(stray.entry_id) is None
+    assert await database.wallet_totals() == {("a1", VOICE): (300_000_000, 0)}
+
+    client = Account(
+        "c1", AccountKind.CLIENT, "a1", plan_id="basic", billing_mode=BillingMode.AGENCY_PAID, created_at=T0
+    )
+    await database.insert_account(client)
+    changed = dataclasses.replace(a, outbound_active=False, platform_rates=None, settings={}, anchor_day=15)
+    await database.update_account(changed)
+    assert await database.get_account("a1") == changed
+    assert [x.account_id for x in await database.list_accounts()] == ["a1", "c1"]
+    assert (await database.list_accounts())[1] == client
+    assert await database.get_account("nope") is None
+    with pytest.raises(NotFound):
+        await database.update_account(dataclasses.replace(client, account_id="nope"))
+
+
+async def test_plans_round_trip_and_conflicts(database: Database) -> None:
+    rates = RateCard(voice={"deepgram": 1_500_000, "voice_clone": 3_000_000}, sms={"GB": 400_000})
+    plan = Plan("a1", "basic", 200_000_000, 50_000_000, rates, usage_limit_micros=500_000_000)
+    await database.insert_plan(plan)
+    await database.insert_plan(Plan("a2", "basic"))  # plan ids are per agency
+    with pytest.raises(AlreadyExists):
+        await database.insert_plan(Plan("a1", "basic"))
+    assert await database.get_plan("a1", "basic") == plan
+    stored = await database.get_plan("a1", "basic")
+    assert stored is not None and stored.rates.voice_rate("Voice_Clone") == 3_000_000
+
+    updated = dataclasses.replace(plan, max_concurrent_sessions=4, rates=RateCard())
+    await database.update_plan(updated)
+    assert [(p.agency_id, p.plan_id) for p in await database.list_plans()] == [
+        ("a1", "basic"),
+        ("a2", "basic"),
+    ]
+    assert await database.get_plan("a1", "basic") == updated
+    assert await database.get_plan("a2", "premium") is None
+    with pytest.raises(NotFound):
+        await database.update_plan(Plan("a3", "basic"))
+
+
+async def test_api_keys(database: Database) -> None:
+    admin = ApiKey("k1", Role.PLATFORM_ADMIN, "", "00" * 32, "bootstrap", created_at=T0)
+    worker = ApiKey("k2", Role.WORKER, "a1", "11" * 32, created_at=T0 + 1)
+    reader = ApiKey("k3", Role.READER, "c1", "22" * 32, created_at=T0 + 2)
+    for key in (reader, admin, worker):
+        await database.insert_api_key(key)
+    with pytest.raises(AlreadyExists):
+        await database.insert_api_key(admin)
+    assert await database.get_api_key("k2") == worker
+    assert await database.list_api_keys() == [admin, worker, reader]
+    assert await database.list_api_keys("a1") == [worker]
+
+    revoked = await database.revoke_api_key("k2", T0 + 10)
+    assert revoked == dataclasses.replace(worker, revoked_at=T0 + 10)
+    again = await database.revoke_api_key("k2", T0 + 99)  # keeps the first revocation time
+    assert again is not None and again.revoked_at == T0 + 10
+    assert await database.revoke_api_key("missing", T0) is None
+
+
+async def test_topup_is_idempotent_by_key(database: Database) -> None:
+    e1, ev1 = topup("a1", "pay-1", 5_000_000)
+    assert await database.insert_topup(e1, "fp-a", ev1) == (e1, "fp-a", True)
+
+    e2, ev2 = topup("a1", "pay-1", 9_000_000)  # same key, other parameters
+    original, fingerprint, created = await database.insert_topup(e2, "fp-b", ev2)
+    assert (original, fingerprint, created) == (e1, "fp-a", False)
+    assert await database.get_ledger_entry(e2.entry_id) is None
+    events, _ = await database.list_events(["a1"], 10, None)
+    assert events == [ev1]
+    assert await database.wallet_totals() == {("a1", VOICE): (0, 5_000_000)}
+
+    with pytest.raises(InvalidArgument):
+        await database.insert_topup(entry("a1", purchased=1, kind=EntryKind.TOPUP), "fp", event("a1"))
+
+
+async def test_concurrent_topups_with_one_key_credit_once(database: Database) -> None:
+    attempts = [topup("a1", "pay-race", 1_000_000 * (i + 1)) for i in range(8)]
+    results = await asyncio.gather(*(database.insert_topup(e, f"fp-{i}", ev) for i, (e, ev) in enumerate(attempts)))
+    winners = [r for r in results if r[2]]
+    assert len(winners) == 1
+    won_entry, won_fp, _ = winners[0]
+    assert all(r[0] == won_entry and r[1] == won_fp for r in results)
+    assert await database.wallet_totals() == {("a1", VOICE): (0, won_entry.purchased_micros)}
+    entries, _ = await database.list_ledger("a1", None, 100, None)
+    assert entries == [won_entry]
+
+
+async def test_write_records_batches_are_idempotent(database: Database) -> None:
+    batch: list[LedgerRecord | EventRecord | SessionRecord] = []
+    for i in range(300):
+        account, balance = ("a1", VOICE) if i % 3 else ("c1", SMS)
+        batch.append(entry(account, free=-(i % 7), purchased=-(i % 5), usage=i, balance_type=balance))
+        if i % 10 == 0:
+            batch.append(event(account, EventType.LOW_BALANCE, balance_type=balance, attributes={"i": str(i)}))
+    batch.append(session("s1", "open", 30, T0))
+    await database.write_records(batch)
+    await database.write_records(batch)  # a flusher retrying after a lost ack
+    await database.write_records(batch[100:] + batch[:5] + batch[:5])  # overlapping, duplicated
+
+    expected: dict[tuple[str, BalanceType], tuple[int, int]] = {}
+    for r in batch:
+        if isinstance(r, LedgerRecord):
+            free, purchased = expected.get((r.account_id, r.balance_type), (0, 0))
+            expected[(r.account_id, r.balance_type)] = (free + r.free_micros, purchased + r.purchased_micros)
+    assert await database.wallet_totals() == expected
+    assert await database.usage_since("a1", VOICE, T0) == sum(i for i in range(300) if i % 3)
+    events, cursor = await database.list_events(["a1", "c1"], 1000, None)
+    assert cursor is None
+    assert sorted(e.event_id for e in events) == sorted(r.event_id for r in batch if isinstance(r, EventRecord))
+    assert {e.attributes["i"] for e in events} == {str(i) for i in range(0, 300, 10)}
+    assert await database.open_sessions() == [session("s1", "open", 30, T0)]
+    await database.write_records([])
+
+
+async def test_sessions_never_reopen_once_settled(database: Database) -> None:
+    await database.write_records([session("s1", "open", 30, T0), session("s2", "open", 30, T0)])
+    await database.write_records([session("s1", "open", 60, T0 + 25)])  # renewal
+    got = await database.get_session("s1")
+    assert got is not None and got.granted_seconds == 60 and got.updated_at == T0 + 25
+
+    settled = session(
+        "s1", "settled", 60, T0 + 42, billed_seconds=42, reserved={}, charged={"c1": 42_000}, cutoff_reason=3
+    )
+    await database.write_records([settled])
+    await database.write_records([session("s1", "open", 90, T0 + 50)])  # a stale slice arriving late
+    assert await database.get_session("s1") == settled
+
+    # Within one batch too: the settlement wins over slices before and after it.
+    s2_settled = session("s2", "settled", 30, T0 + 20, billed_seconds=20, charged={"c1": 20_000})
+    await database.write_records([session("s2", "open", 60, T0 + 10), s2_settled, session("s2", "open", 90, T0 + 30)])
+    assert await database.get_session("s2") == s2_settled
+    assert await database.open_sessions() == []
+    assert await database.get_session("s3") is None
+
+
+async def test_ledger_pages_newest_first(database: Database) -> None:
+    written = [entry("a1", usage=i, balance_type=SMS if i % 2 else VOICE, created_at=T0 + i) for i in range(7)]
+    await database.write_records([*written, entry("other", usage=99)])
+
+    pages: list[list[LedgerRecord]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await database.list_ledger("a1", None, 3, cursor)
+        pages.append(page)
+        if cursor is None:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [e for p in pages for e in p] == written[::-1]
+
+    page, cursor = await database.list_ledger("a1", SMS, 3, None)
+    assert [e.usage_micros for e in page] == [5, 3, 1] and cursor is None  # exactly one full page: no next
+    page, cursor = await database.list_ledger("a1", VOICE, 2, None)
+    assert [e.usage_micros for e in page] == [6, 4] and cursor is not None
+    page, cursor = await database.list_ledger("a1", VOICE, 2, cursor)
+    assert [e.usage_micros for e in page] == [2, 0] and cursor is None
+    assert await database.list_ledger("nobody", None, 5, None) == ([], None)
+    for bad_cursor in ("abc", "-4"):
+        with pytest.raises(InvalidArgument):
+            await database.list_ledger("a1", None, 3, bad_cursor)
+    with pytest.raises(InvalidArgument):
+        await database.list_ledger("a1", None, 0, None)
+
+
+async def test_events_paging_and_polling(database: Database) -> None:
+    assert await database.events_after(["a1"], -1) == ([], 0)
+    first = [event("a1" if i % 2 else "c1", created_at=T0 + i) for i in range(5)]
+    await database.write_records([*first, event("elsewhere")])
+
+    page, cursor = await database.list_events(["a1", "c1"], 2, None)
+    assert page == first[:-3:-1] and cursor is not None
+    page, cursor = await database.list_events(["a1", "c1"], 2, cursor)
+    rest, end = await database.list_events(["a1", "c1"], 2, cursor)
+    assert page + rest == first[2::-1] and end is None
+    assert await database.list_events(["a1"], 10, None) == ([first[3], first[1]], None)
+    assert await database.list_events([], 10, None) == ([], None)
+
+    _, mark = await database.events_after(["a1", "c1"], -1)
+    assert mark > 0
+    assert await database.events_after(["a1", "c1"], mark) == ([], mark)
+    later = [event("c1", EventType.CUTOFF, session_id="s9"), event("elsewhere"), event("a1", reason=3)]
+    await database.write_records(later)
+    seen, new_mark = await database.events_after(["a1", "c1"], mark)
+    assert seen == [later[0], later[2]] and new_mark > mark
+    assert await database.events_after(["a1", "c1"], new_mark) == ([], new_mark)
+    everything, _ = await database.events_after(["a1", "c1"], 0)
+    assert everything == [*first, later[0], later[2]]
+    capped, capped_mark = await database.events_after(["a1", "c1"], 0, limit=2)
+    assert capped == first[:2] and capped_mark < new_mark
+
+
+async def test_queries_that_rebuild_hot_state(database: Database) -> None:
+    since = T0 + 100
+    await database.write_records(
+        [
+            entry("a1", free=-10, usage=10, created_at=since - 0.25),  # before the period
+            entry("a1", free=-20, usage=20, created_at=since),  # at its start: counts
+            entry("a1", purchased=-40, usage=40, created_at=since + 5),
+            sms("a1", "m1", since),
+            sms("c1", "m1", since),  # one message, two payers
+            sms("c1", "m2", since + 1),
+            sms("c1", "m0", T0),
+            entry("a1", free=300, kind=EntryKind.FREE_ALLOWANCE, created_at=since),
+            event("a1", EventType.REFILL_REQUESTED, created_at=since - 1),
+            event("a1", EventType.REFILL_REQUESTED, created_at=since),
+            event("a1", EventType.REFILL_REQUESTED, created_at=since + 3),
+            event("a1", EventType.REFILL_REQUESTED, balance_type=SMS, created_at=since + 3),
+            event("a1", EventType.LOW_BALANCE, created_at=since + 3),
+            session("s-open", "open", 30, since),
+            session("s-done", "settled", 30, since),
+        ]
+    )
+    assert await database.usage_since("a1", VOICE, since) == 60
+    assert await database.usage_since("a1", SMS, since) == 80
+    assert await database.usage_since("c1", VOICE, since) == 0
+    assert await database.count_events_since("a1", VOICE, EventType.REFILL_REQUESTED, since) == 2
+    assert await database.count_events_since("a1", SMS, EventType.REFILL_REQUESTED, since) == 1
+    assert await database.count_events_since("c1", VOICE, EventType.REFILL_REQUESTED, since) == 0
+    assert await database.sms_message_ids(since) == {"m1", "m2"}
+    assert await database.sms_message_ids(T0) == {"m0", "m1", "m2"}
+    assert [s.session_id for s in await database.open_sessions()] == ["s-open"]
+    totals = await database.wallet_totals()
+    assert totals[("a1", VOICE)] == (270, -40) and totals[("c1", SMS)] == (0, 0)
