@@ -46,13 +46,16 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-async def migrate(url: str) -> None:
-    """Create the database file's folder if needed and bring the schema to the newest version."""
+def _migrate(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        folder = Path(parsed.database).expanduser().parent
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(upgrade, url)
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+
+
+async def migrate(url: str) -> None:
+    """Create the database file's folder if needed and bring the schema to the newest version."""
+    await asyncio.to_thread(_migrate, url)
 
 
 def make_store(settings: Settings) -> HotStore:
