@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from creditd.app import App
 from creditd.config import Settings
@@ -20,6 +22,7 @@ from creditd.v1 import (
     common_pb2,
     ledger_pb2,
     ledger_pb2_grpc,
+    metering_pb2,
     metering_pb2_grpc,
 )
 
@@ -90,6 +93,47 @@ class Api:
             metadata=self.metadata,
         )
 
+    async def authorize(
+        self,
+        session_id: str,
+        client_id: str,
+        direction: int = common_pb2.DIRECTION_INBOUND,
+        provider: str = "",
+    ) -> metering_pb2.AuthorizeResponse:
+        return await self.metering.Authorize(
+            metering_pb2.AuthorizeRequest(
+                session_id=session_id,
+                client_id=client_id,
+                channel=common_pb2.CHANNEL_VOICE,
+                direction=direction,
+                provider=provider,
+            ),
+            metadata=self.metadata,
+        )
+
+    def stream(self) -> Any:
+        return self.metering.StreamUsage(metadata=self.metadata)
+
+    async def start_call(self, session_id: str, client_id: str) -> tuple[Any, metering_pb2.StreamUsageResponse]:
+        """Open a voice stream for an authorized session; returns it and its first grant."""
+        call = self.stream()
+        await call.write(
+            metering_pb2.StreamUsageRequest(
+                start=metering_pb2.SessionStart(
+                    session_id=session_id, client_id=client_id, channel=common_pb2.CHANNEL_VOICE
+                )
+            )
+        )
+        return call, await call.read()
+
+    async def end_call(self, call: Any, seconds: int) -> metering_pb2.StreamUsageResponse:
+        """End a call; returns its last message (the summary, or a cutoff that came first)."""
+        await call.write(metering_pb2.StreamUsageRequest(end=metering_pb2.SessionEnd(seconds_used=seconds)))
+        while True:
+            message = await call.read()
+            if message.WhichOneof("msg") in ("summary", "cutoff"):
+                return message
+
     async def balance(self, account_id: str) -> ledger_pb2.GetBalanceResponse:
         return await self.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id=account_id), metadata=self.metadata)
 
@@ -108,7 +152,7 @@ def make_server(tmp_path: Path) -> ServerFactory:
     """Start a server with settings overridden by keyword; several may run in one test."""
 
     @contextlib.asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Running]:
+    async def start(clock: Callable[[], float] = time.time, **overrides: Any) -> AsyncIterator[Running]:
         values: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}",
@@ -116,7 +160,7 @@ def make_server(tmp_path: Path) -> ServerFactory:
             "flush_interval_seconds": 0.05,
         }
         values.update(overrides)
-        app = App(Settings(**values))
+        app = App(Settings(**values), clock)
         await app.start()
         channel = grpc.aio.insecure_channel(app.address)
         try:
@@ -137,3 +181,19 @@ async def server(make_server: ServerFactory) -> AsyncIterator[Running]:
 @pytest.fixture
 def api(server: Running) -> Api:
     return server.api
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The one google.rpc.ErrorInfo every creditd error carries."""
+    details = [v for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin"]
+    assert details, "the error carries no google.rpc.Status"
+    status = status_pb2.Status.FromString(details[0])
+    assert status.code == error.code().value[0]
+    infos = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            infos.append(info)
+    assert len(infos) == 1
+    assert infos[0].domain == "creditd"
+    return infos[0]

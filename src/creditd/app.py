@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -65,8 +67,9 @@ def make_store(settings: Settings) -> HotStore:
 
 
 class App:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock
         self.admin_token = settings.admin_token or f"cdk_bootstrap_{secrets.token_urlsafe(24).replace('_', '-')}"
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -78,7 +81,7 @@ class App:
             await migrate(settings.database_url)
         self.db = Database(settings.database_url)
         await self.db.ping()
-        self.ctx = Context(settings, make_store(settings), self.db, LocalBus())
+        self.ctx = Context(settings, make_store(settings), self.db, LocalBus(), self.clock)
         await self.ctx.bus.start()
         await self.ctx.catalog.load()
         settled = await rebuild(self.ctx)
@@ -95,7 +98,7 @@ class App:
             MeteringServicer(self.ctx, self.auth, self.metering), server
         )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(self.ctx, self.auth, Ledger(self.ctx)), server
+            LedgerServicer(self.ctx, self.auth, Ledger(self.ctx, self.flusher.flush)), server
         )
         account_pb2_grpc.add_AccountServiceServicer_to_server(
             AccountServicer(self.ctx, self.auth, Accounts(self.ctx)), server

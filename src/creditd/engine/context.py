@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from creditd.config import Settings
@@ -89,11 +90,12 @@ class Context:
     store: HotStore
     db: Database
     bus: LocalBus
+    # Wall clock of billing periods and timestamps; timers use the event loop's clock.
+    clock: Callable[[], float] = time.time
     catalog: Catalog = field(init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.db)
 
-    @staticmethod
-    def now() -> float:
-        return time.time()
+    def now(self) -> float:
+        return self.clock()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 
 from creditd.domain.accounts import Account
 from creditd.domain.records import (
@@ -29,8 +31,15 @@ def topup_fingerprint(account_id: str, balance_type: BalanceType, amount: int, k
 
 
 class Ledger:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, flush: Callable[[], Awaitable[object]] | None = None) -> None:
         self.ctx = ctx
+        self._flush = flush
+
+    async def _caught_up(self) -> None:
+        """Let a reader see its own usage: move what is pending to the database first."""
+        if self._flush is not None:
+            with contextlib.suppress(Exception):  # the database answers with what it has
+                await self._flush()
 
     async def topup(
         self,
@@ -107,8 +116,10 @@ class Ledger:
         self, account_id: str, balance_type: BalanceType | None, page_size: int, cursor: str | None
     ) -> tuple[list[LedgerRecord], str | None]:
         await self.ctx.catalog.account(account_id)
+        await self._caught_up()
         return await self.ctx.db.list_ledger(account_id, balance_type, page_size, cursor)
 
     async def events(self, account_id: str, page_size: int, cursor: str | None) -> tuple[list[EventRecord], str | None]:
         await self.ctx.catalog.account(account_id)
+        await self._caught_up()
         return await self.ctx.db.list_events([account_id], page_size, cursor)
