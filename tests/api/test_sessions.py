@@ -129,7 +129,7 @@ async def test_a_dropped_stream_not_resumed_is_settled_by_the_server(make_server
         assert balance.reserved_micros == 0
         # billed for the time the call could have run: until the grace ended (about 2 s)
         assert CREDIT <= balance.period_used_micros <= 2 * CREDIT
-        late, final = await api.start_call("s1", "c1")
+        _, final = await api.start_call("s1", "c1")
         assert final.cutoff.reason == common_pb2.DENY_REASON_SESSION_ABANDONED
         assert final.cutoff.billed_seconds * CREDIT == balance.period_used_micros
 
