@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -87,12 +86,6 @@ def test_a_rate_decided_again_before_any_second_replaces_the_last_segment() -> N
     assert tariff.cost(60) == 1_500_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tariff.py:33-34: price_from replaces a zero-length last segment but does not merge it "
-    "into an equal-rate segment before it; A at 0, B at 1, A at 1 leaves [(0, A), (1, A)] and "
-    "cost(3) at 1 credit/min is 50,001 instead of 50,000",
-)
 def test_a_rate_changed_and_changed_back_before_any_second_costs_like_one_rate() -> None:
     tariff = flat(CREDIT)
     tariff.price_from(1, 2 * CREDIT)  # a renewal priced at a new rate that reserved nothing

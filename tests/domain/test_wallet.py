@@ -95,11 +95,6 @@ def test_debit_beyond_the_wallet_raises() -> None:
     assert (state.free_micros, state.purchased_micros) == (10, 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG wallet.py:146: debit() adds the cost to used_micros before checking the wallet, "
-    "so a refused debit still counts as usage (used_micros 0 -> 16 after ValueError)",
-)
 def test_a_refused_debit_leaves_usage_untouched() -> None:
     state = wallet(free=10, purchased=5)
     with pytest.raises(ValueError):

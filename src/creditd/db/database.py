@@ -518,6 +518,13 @@ class Database:
         async with self._tx() as conn:
             return _sum(await conn.scalar(query))
 
+    async def topup_entry_ids(self) -> list[tuple[str, str]]:
+        """(account id, entry id) of every top-up: what a rebuilt hot store already holds."""
+        c = t.ledger_entries.c
+        query = sa.select(c.account_id, c.entry_id).where(c.kind == int(EntryKind.TOPUP))
+        async with self._tx() as conn:
+            return [(str(a), str(e)) for a, e in (await conn.execute(query)).all()]
+
     async def period_mark(self, account_id: str, balance_type: BalanceType) -> float | None:
         """When the account's newest period began to be recorded: its last free allowance or expiry."""
         c = t.ledger_entries.c

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 
 MICROS_PER_CREDIT = 1_000_000
 SECONDS_PER_MINUTE = 60
@@ -37,11 +37,14 @@ def sms_cost(rate_micros_per_segment: int, segments: int) -> int:
 
 def credits(value: str | int | Decimal) -> int:
     """Exact micro-credits of a decimal amount of credits ("0.166" -> 166000)."""
-    try:
-        micros = Decimal(value) * MICROS_PER_CREDIT
-    except InvalidOperation as exc:
-        raise ValueError(f"not a number of credits: {value!r}") from exc
-    if micros != micros.to_integral_value():
+    with localcontext() as exact:
+        exact.prec = 100  # enough digits that no input is rounded before the check below
+        exact.traps[Inexact] = True
+        try:
+            micros = Decimal(value) * MICROS_PER_CREDIT
+        except (InvalidOperation, Inexact) as exc:
+            raise ValueError(f"not a number of credits: {value!r}") from exc
+    if not micros.is_finite() or micros != micros.to_integral_value():
         raise ValueError(f"{value!r} credits is not a whole number of micro-credits")
     return int(micros)
 

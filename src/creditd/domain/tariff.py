@@ -28,12 +28,11 @@ class Tariff:
 
     def price_from(self, granted: int, rate: int) -> None:
         """Charge `rate` from second `granted` on (the start of the next slice)."""
+        if self.segments and self.segments[-1][0] == granted:
+            self.segments.pop()  # it priced no second yet: replace it
         if self.segments and self.segments[-1][1] == rate:
             return
-        if self.segments and self.segments[-1][0] == granted:
-            self.segments[-1] = (granted, rate)
-        else:
-            self.segments.append((granted, rate))
+        self.segments.append((granted, rate))
 
     def terms(self, granted: int) -> SliceTerms:
         """The numbers a store needs to reserve seconds beyond `granted` in one atomic step."""

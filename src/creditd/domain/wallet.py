@@ -143,13 +143,14 @@ class WalletState:
         return self.debit(cost_micros)
 
     def debit(self, cost_micros: int) -> tuple[int, int]:
-        self.used_micros += cost_micros
         if not self.config.has_wallet:
+            self.used_micros += cost_micros
             return 0, 0
         from_free = min(self.free_micros, cost_micros)
         from_purchased = cost_micros - from_free
         if from_purchased > self.purchased_micros:
             raise ValueError("debit beyond the wallet")
+        self.used_micros += cost_micros
         self.free_micros -= from_free
         self.purchased_micros -= from_purchased
         return from_free, from_purchased

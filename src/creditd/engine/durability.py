@@ -103,7 +103,9 @@ async def rebuild(ctx: Context) -> int:
         )
         for r in open_sessions
     ]
-    await ctx.store.load(wallets, sessions)
+    agency_of = {account_id: agency_id for agency_id, account_id in ((a, w.account_id) for a, w in wallets)}
+    applied = [(agency_of.get(account_id, ""), entry_id) for account_id, entry_id in await db.topup_entry_ids()]
+    await ctx.store.load(wallets, sessions, applied)
     for session in sessions:
         # Nobody can prove how much of the grant was used: bill all of it, which is
         # exactly what was reserved, so no payer goes below zero.

@@ -9,6 +9,7 @@ step; a flusher moves them to the database in batches (see creditd.store.flusher
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from creditd.domain.records import BalanceType, LedgerRecord, Record
@@ -170,8 +171,17 @@ class HotStore(abc.ABC):
         """Forget records the database now holds."""
 
     @abc.abstractmethod
-    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
-        """Replace everything held with state rebuilt from the database (agency id, wallet)."""
+    async def load(
+        self,
+        wallets: list[tuple[str, WalletState]],
+        sessions: list[SessionState],
+        applied_topups: Collection[tuple[str, str]] = (),
+    ) -> None:
+        """Replace everything held with state rebuilt from the database (agency id, wallet).
+
+        `applied_topups` are the (agency id, entry id) of the top-ups the wallets already
+        include, so that a retried Topup does not credit them a second time.
+        """
 
     async def close(self) -> None:
         return None

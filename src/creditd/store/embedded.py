@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from creditd.domain.records import (
@@ -242,11 +242,16 @@ class EmbeddedHotStore(HotStore):
         for record_id in ids:
             self._outbox.pop(record_id, None)
 
-    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
+    async def load(
+        self,
+        wallets: list[tuple[str, WalletState]],
+        sessions: list[SessionState],
+        applied_topups: Collection[tuple[str, str]] = (),
+    ) -> None:
         self._wallets = {(w.account_id, w.balance_type): w for _, w in wallets}
         self._sessions = {s.session_id: s for s in sessions}
         self._sms.clear()
-        self._topups.clear()
+        self._topups = {entry_id for _, entry_id in applied_topups}
 
 
 def _cutoff_event(state: SessionState, request: SettleRequest) -> EventRecord:
