@@ -1,0 +1,705 @@
+"""The Redis hot store: balances and live sessions shared by every replica.
+
+Each operation of HotStore is one Lua script (src/creditd/store/lua/), run by EVALSHA
+(redis-py's register_script loads it again on NOSCRIPT), so it is atomic and costs one
+round trip on the hot path. The scripts apply exactly the rules of
+creditd.domain.wallet and creditd.domain.tariff that the embedded store applies, and
+append the same records to the outbox in the same step.
+
+Key layout (P = the key prefix, "creditd:" by default; every key of an agency and of its
+clients carries the hash tag {agency}, so a script touches one Redis Cluster slot):
+
+    P{a}:w:<account>:<balance type>   hash   a wallet: configuration and state
+    P{a}:t:<account>:<balance type>   set    top-up entry ids already applied to it
+    P{a}:s:<session id>               hash   a session (open or settled)
+    P{a}:live                         set    ids of the agency's open sessions
+    P{a}:cc:<client>                  set    ids of the client's open voice sessions
+    P{a}:sms:<message id>             hash   the result of an allowed SMS debit
+    P{a}:outbox                       stream records for the database, field "r": JSON
+    Pagencies                         set    agencies with state (no hash tag, see below)
+
+Every key a script touches is declared in KEYS. Settlement needs the wallets of the
+session's payers and the set of its client, which only the stored session knows: Python
+declares the payers of SettleRequest.costs (always the session's payers in practice), and
+the script answers MISSING, having written nothing, when it needs another key; the call
+is then repeated with it. Period bounds are calendar math: Python passes the bounds of
+`now`'s period for the anchor days it expects (learnt per account), and a script that
+must roll a wallet with another anchor day answers BOUNDS, having written nothing.
+
+Outbox: one stream per agency, so a script appends its records atomically within its
+slot. A set of all agencies cannot be updated from the scripts on Redis Cluster (another
+slot), so `take_records` reads the streams of
+  * the agencies this process wrote to since their stream was last seen empty, on every
+    call, and
+  * every agency of the registry set Pagencies (written outside the scripts, on the cold
+    paths that create an agency's state: configure_wallet, load, append_records) once per
+    `sweep_interval_seconds`, which picks up records left by a replica that died.
+Several replicas may take the same records; the database writes them idempotently by id.
+Record ids are a random prefix per call plus a counter ("<prefix>-1", "<prefix>-2", ...).
+An outbox id is "<agency>/<stream entry id>".
+
+Differences from the embedded store, all deliberate:
+  * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
+    where the embedded store may already have rolled (or settled) the payers before it.
+  * Sessions and SMS results are per agency (the embedded store keys them by id alone),
+    and `live_sessions` is ordered by session id.
+  * `load` replaces the state of the agencies it is given (the embedded store: all), and
+    keeps their outbox streams, as the embedded store keeps its outbox.
+  * `settled_ttl_seconds` (default 0: keep forever, as the embedded store does) can
+    expire settled sessions and SMS results.
+
+Connection errors and timeouts raise StoreUnavailable. redis-py does not retry commands
+(a retried script after a lost reply could apply twice); a timeout leaves the outcome of
+that one call unknown, which settle, debit_sms and apply_topup absorb by being idempotent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rx
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from creditd.domain.periods import period_bounds_epoch
+from creditd.domain.records import (
+    BalanceType,
+    EntryKind,
+    EventRecord,
+    EventType,
+    LedgerRecord,
+    Record,
+    SessionRecord,
+    TopupKind,
+)
+from creditd.domain.wallet import Constraint, RefillSettings, WalletConfig, WalletState
+from creditd.errors import FailedPrecondition, NotFound
+from creditd.store.base import (
+    HotStore,
+    ReserveRequest,
+    ReserveResult,
+    SessionState,
+    SettleRequest,
+    SettleResult,
+    SmsDebitRequest,
+    SmsDebitResult,
+    StoreUnavailable,
+)
+
+SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
+DEFAULT_PREFIX = "creditd:"
+_ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
+_DELETE_BATCH = 500
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rx.ConnectionError,  # also BusyLoadingError, MaxConnectionsError
+    rx.TimeoutError,
+    rx.ReadOnlyError,
+    rx.MasterDownError,
+    rx.OutOfMemoryError,
+    rx.ClusterDownError,
+    rx.TryAgainError,
+    OSError,  # also the builtin TimeoutError
+)
+
+# The order of the configuration and state in a wallet hash and in script replies.
+_CONFIG_FIELDS = ("hw", "fa", "ul", "ad", "rf", "re", "rt", "ra", "rg", "rm", "lb")
+_WALLET_FIELDS = ("bt", *_CONFIG_FIELDS, "ps", "pe", "fr", "pu", "rs", "us", "rn", "ln")
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"the Redis hot store is unavailable: {exc}", error=type(exc).__name__) from exc
+
+
+def load_script(name: str) -> str:
+    """The body of one operation's script: the shared rules, then the operation."""
+    lua = resources.files("creditd.store").joinpath("lua")
+    return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+class RedisHotStore(HotStore):
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        settled_ttl_seconds: int = 0,
+        sweep_interval_seconds: float = 5.0,
+        **redis_options: Any,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain braces (they make Redis Cluster hash tags)")
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 2.0,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        options.update(redis_options)
+        options["decode_responses"] = True
+        self._redis = aioredis.Redis.from_url(url, **options)
+        self._prefix = prefix
+        self._registry = f"{prefix}agencies"
+        self._settled_ttl = int(settled_ttl_seconds)
+        self._sweep_interval = sweep_interval_seconds
+        self._next_sweep = 0.0
+        self._scripts = {name: self._redis.register_script(load_script(name)) for name in SCRIPTS}
+        self._anchors: dict[str, int] = {}  # account id -> anchor day, as last seen
+        self._periods: dict[int, tuple[int, int]] = {}  # anchor day -> bounds of the current period
+        self._dirty: dict[str, int] = {}  # agency -> generation of its last write
+        self._generation = itertools.count(1)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _tag(self, agency_id: str) -> str:
+        return f"{self._prefix}{{{agency_id}}}:"
+
+    def _wallet_key(self, agency_id: str, account_id: str, balance_type: BalanceType) -> str:
+        return f"{self._tag(agency_id)}w:{account_id}:{int(balance_type)}"
+
+    def _topups_key(self, agency_id: str, account_id: str, balance_type: BalanceType) -> str:
+        return f"{self._tag(agency_id)}t:{account_id}:{int(balance_type)}"
+
+    def _session_key(self, agency_id: str, session_id: str) -> str:
+        return f"{self._tag(agency_id)}s:{session_id}"
+
+    def _live_key(self, agency_id: str) -> str:
+        return f"{self._tag(agency_id)}live"
+
+    def _client_key(self, agency_id: str, client_id: str) -> str:
+        return f"{self._tag(agency_id)}cc:{client_id}"
+
+    def _sms_key(self, agency_id: str, message_id: str) -> str:
+        return f"{self._tag(agency_id)}sms:{message_id}"
+
+    def _outbox_key(self, agency_id: str) -> str:
+        return f"{self._tag(agency_id)}outbox"
+
+    # -- calling scripts -------------------------------------------------------------------
+
+    def _bounds(self, now: float, anchor_day: int) -> tuple[int, int]:
+        bounds = self._periods.get(anchor_day)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            bounds = period_bounds_epoch(now, anchor_day)
+            self._periods[anchor_day] = bounds
+        return bounds
+
+    def _common(self, now: float, anchor_days: Iterable[int]) -> list[str | int]:
+        if not math.isfinite(now):
+            raise ValueError(f"now must be a finite time, not {now!r}")
+        args: list[str | int] = [uuid.uuid4().hex, repr(float(now))]
+        days = sorted(set(anchor_days))
+        args.append(len(days))
+        for day in days:
+            start, end = self._bounds(now, day)
+            args += [day, start, end]
+        return args
+
+    def _anchor_days(self, accounts: Iterable[str]) -> set[int]:
+        return {self._anchors.get(account, 1) for account in accounts}
+
+    def _learn_bounds(self, reply: Sequence[str]) -> None:
+        for account, day in zip(reply[1::2], reply[2::2], strict=True):
+            self._anchors[account] = int(day)
+
+    async def _eval(self, name: str, agency_id: str, keys: list[str], args: list[str | int]) -> list[str]:
+        try:
+            with _redis_errors():
+                reply: list[str] = await self._scripts[name](keys=keys, args=args)
+        finally:
+            self._touched(agency_id)
+        return reply
+
+    async def _eval_rolling(
+        self, name: str, agency_id: str, keys: list[str], accounts: list[str], now: float, args: list[str | int]
+    ) -> list[str]:
+        """Run a script that may roll periods, passing the bounds it asks for."""
+        for _ in range(_ATTEMPTS):
+            reply = await self._eval(name, agency_id, keys, self._common(now, self._anchor_days(accounts)) + args)
+            if reply[0] != "BOUNDS":
+                return reply
+            self._learn_bounds(reply)
+        raise RuntimeError(f"{name}: the script kept asking for period bounds")
+
+    def _touched(self, agency_id: str) -> None:
+        self._dirty[agency_id] = next(self._generation)
+
+    # -- configuration and reads -----------------------------------------------------------
+
+    async def ping(self) -> None:
+        with _redis_errors():
+            await self._redis.ping()
+
+    async def configure_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+    ) -> list[Record]:
+        with _redis_errors():
+            await self._redis.sadd(self._registry, agency_id)
+        keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
+        args = self._common(now, [config.anchor_day]) + [account_id, int(balance_type), *_config_values(config)]
+        reply = await self._eval("configure_wallet", agency_id, keys, args)
+        self._anchors[account_id] = config.anchor_day
+        return [decode_record(text) for text in reply[1:]]
+
+    async def read_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType, now: float
+    ) -> WalletState | None:
+        keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
+        reply = await self._eval_rolling("read_wallet", agency_id, keys, [account_id], now, [])
+        if reply[0] == "NONE":
+            return None
+        return self._wallet_reply(reply, 1)
+
+    async def snapshot_wallet(
+        self, agency_id: str, account_id: str, balance_type: BalanceType
+    ) -> WalletState | None:
+        """The wallet as stored, without rolling its period (nothing is written)."""
+        with _redis_errors():
+            raw: dict[str, str] = await self._redis.hgetall(self._wallet_key(agency_id, account_id, balance_type))
+        if not raw:
+            return None
+        return _wallet_from([raw["a"], *(raw[field] for field in _WALLET_FIELDS)], 0)
+
+    async def session(self, agency_id: str, session_id: str) -> SessionState | None:
+        with _redis_errors():
+            raw: dict[str, str] = await self._redis.hgetall(self._session_key(agency_id, session_id))
+        return _session_from(raw) if raw else None
+
+    async def live_sessions(self, agency_id: str) -> list[SessionState]:
+        with _redis_errors():
+            ids: set[str] = await self._redis.smembers(self._live_key(agency_id))
+            pipe = self._redis.pipeline(transaction=False)
+            ordered = sorted(ids)
+            for session_id in ordered:
+                pipe.hgetall(self._session_key(agency_id, session_id))
+            raws: list[dict[str, str]] = await pipe.execute()
+        states = [_session_from(raw) for raw in raws if raw]
+        return [s for s in states if s.status == "open"]
+
+    def _wallet_reply(self, reply: Sequence[str], start: int) -> WalletState:
+        wallet = _wallet_from(reply, start)
+        self._anchors[wallet.account_id] = wallet.config.anchor_day
+        return wallet
+
+    # -- the atomic operations -------------------------------------------------------------
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        agency_id = request.agency_id
+        accounts = [payer.account_id for payer in request.payers]
+        keys = [
+            self._session_key(agency_id, request.session_id),
+            self._outbox_key(agency_id),
+            self._live_key(agency_id),
+            *(self._wallet_key(agency_id, account, request.balance_type) for account in accounts),
+        ]
+        args: list[str | int] = [request.session_id, agency_id, request.want_seconds, len(request.payers)]
+        for payer in request.payers:
+            args += [payer.account_id, payer.terms.rate, payer.terms.carry, payer.terms.offset]
+        opening = request.open
+        if opening is None:
+            args.append(0)
+        else:
+            keys.append(self._client_key(agency_id, opening.client_id))
+            args += [
+                1,
+                opening.client_id,
+                opening.channel,
+                opening.direction,
+                opening.provider,
+                opening.max_concurrent,
+                repr(float(opening.expires_at)),
+            ]
+        reply = await self._eval_rolling("reserve", agency_id, keys, accounts, request.now, args)
+        status = reply[0]
+        if status == "OK":
+            _, granted, total, headroom, limited_account, limited_constraint = reply[:6]
+            return ReserveResult(
+                granted_seconds=int(granted),
+                total_granted_seconds=int(total),
+                headroom_seconds=int(headroom) if headroom else None,
+                limited_by=(limited_account, Constraint(limited_constraint)) if limited_account else None,
+                reserved=_map_reply(reply, 6),
+            )
+        if status == "CONC":
+            return ReserveResult(0, 0, None, concurrency_denied=True)
+        if status == "NOTOPEN":
+            raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
+        if status == "NOTFOUND":
+            raise _no_wallet(request.balance_type, reply[1])
+        raise RuntimeError(f"reserve: unexpected reply {reply!r}")
+
+    async def settle(self, request: SettleRequest) -> SettleResult:
+        agency_id = request.agency_id
+        accounts = list(request.costs)
+        clients = [account for account in accounts if account != agency_id]
+        costs: list[str | int] = [len(request.costs)]
+        for account, micros in request.costs.items():
+            costs += [account, micros]
+        for _ in range(_ATTEMPTS):
+            keys = [
+                self._session_key(agency_id, request.session_id),
+                self._outbox_key(agency_id),
+                self._live_key(agency_id),
+                *(self._wallet_key(agency_id, account, BalanceType.VOICE) for account in accounts),
+                *(self._client_key(agency_id, client) for client in clients),
+            ]
+            args = self._common(request.now, self._anchor_days(accounts)) + [
+                request.session_id,
+                request.billed_seconds,
+                request.cutoff_reason,
+                self._settled_ttl,
+                len(accounts),
+                *accounts,
+                len(clients),
+                *clients,
+                *costs,
+            ]
+            reply = await self._eval("settle", agency_id, keys, args)
+            status = reply[0]
+            if status == "OK":
+                return SettleResult(request.billed_seconds, _map_reply(reply, 1), False, request.cutoff_reason)
+            if status == "DONE":
+                return SettleResult(int(reply[1]), _map_reply(reply, 3), True, int(reply[2]))
+            if status == "BOUNDS":
+                self._learn_bounds(reply)
+            elif status == "MISSING":
+                accounts += [a for a in reply[1].split(",") if a and a not in accounts]
+                clients += [c for c in reply[2].split(",") if c and c not in clients]
+            elif status == "NOSESSION":
+                raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
+            elif status == "NOTFOUND":
+                raise _no_wallet(BalanceType.VOICE, reply[1])
+            elif status == "VALUE":
+                raise ValueError(reply[1])
+            else:
+                raise RuntimeError(f"settle: unexpected reply {reply!r}")
+        raise RuntimeError("settle: the script kept asking for keys or period bounds")
+
+    async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
+        agency_id = request.agency_id
+        accounts = list(request.costs)
+        keys = [
+            self._sms_key(agency_id, request.message_id),
+            self._outbox_key(agency_id),
+            *(self._wallet_key(agency_id, account, BalanceType.SMS) for account in accounts),
+        ]
+        args: list[str | int] = [
+            request.message_id,
+            request.session_id,
+            request.segments,
+            self._settled_ttl,
+            len(accounts),
+        ]
+        for account, micros in request.costs.items():
+            args += [account, micros]
+        reply = await self._eval_rolling("debit_sms", agency_id, keys, accounts, request.now, args)
+        status = reply[0]
+        if status == "OK":
+            return SmsDebitResult(True, dict(request.costs))
+        if status == "DENY":
+            return SmsDebitResult(False, {}, (reply[1], Constraint(reply[2])))
+        if status == "DUP":
+            return SmsDebitResult(True, _map_reply(reply, 1), duplicate=True)
+        if status == "NOTFOUND":
+            raise _no_wallet(BalanceType.SMS, reply[1])
+        if status == "VALUE":
+            raise ValueError(reply[1])
+        raise RuntimeError(f"debit_sms: unexpected reply {reply!r}")
+
+    async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
+        keys = [
+            self._wallet_key(agency_id, entry.account_id, entry.balance_type),
+            self._topups_key(agency_id, entry.account_id, entry.balance_type),
+            self._outbox_key(agency_id),
+        ]
+        args: list[str | int] = [entry.entry_id, entry.free_micros, entry.purchased_micros]
+        reply = await self._eval_rolling("apply_topup", agency_id, keys, [entry.account_id], now, args)
+        if reply[0] == "NOTFOUND":
+            raise _no_wallet(entry.balance_type, entry.account_id)
+        return self._wallet_reply(reply, 1)
+
+    async def append_records(self, agency_id: str, records: list[Record]) -> None:
+        if not records:
+            return
+        with _redis_errors():
+            await self._redis.sadd(self._registry, agency_id)
+        args: list[str | int] = ["", "0", 0, *(encode_record(record) for record in records)]
+        await self._eval("append_records", agency_id, [self._outbox_key(agency_id)], args)
+
+    # -- outbox and rebuild ----------------------------------------------------------------
+
+    async def take_records(self, limit: int) -> list[tuple[str, Record]]:
+        if limit <= 0:
+            return []
+        seen = dict(self._dirty)
+        agencies = set(seen)
+        sweep = time.monotonic() >= self._next_sweep
+        with _redis_errors():
+            if sweep:
+                registry: set[str] = await self._redis.smembers(self._registry)
+                agencies |= registry
+            ordered = sorted(agencies)
+            pipe = self._redis.pipeline(transaction=False)
+            for agency_id in ordered:
+                pipe.xrange(self._outbox_key(agency_id), count=limit)
+            streams: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
+        if sweep:
+            self._next_sweep = time.monotonic() + self._sweep_interval
+        found: list[tuple[int, int, str, str, str]] = []
+        for agency_id, entries in zip(ordered, streams, strict=True):
+            if not entries:
+                # nothing pending; unless a write landed since the snapshot, stop looking
+                if agency_id in seen and self._dirty.get(agency_id) == seen[agency_id]:
+                    del self._dirty[agency_id]
+                continue
+            for entry_id, values in entries:
+                ms, _, seq = entry_id.partition("-")
+                found.append((int(ms), int(seq), agency_id, entry_id, values["r"]))
+        found.sort()
+        return [(f"{agency_id}/{entry_id}", decode_record(text)) for _, _, agency_id, entry_id, text in found[:limit]]
+
+    async def ack_records(self, ids: list[str]) -> None:
+        by_agency: dict[str, list[str]] = {}
+        for outbox_id in ids:
+            agency_id, _, entry_id = outbox_id.partition("/")
+            by_agency.setdefault(agency_id, []).append(entry_id)
+        if not by_agency:
+            return
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for agency_id, entry_ids in by_agency.items():
+                pipe.xdel(self._outbox_key(agency_id), *entry_ids)
+            await pipe.execute()
+
+    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
+        agencies = {agency_id for agency_id, _ in wallets} | {s.agency_id for s in sessions}
+        stale: dict[str, list[str]] = {agency_id: [] for agency_id in agencies}
+        start = len(self._prefix) + 1
+        with _redis_errors():
+            async for key in self._redis.scan_iter(match=_glob_escape(self._prefix) + "{*", count=1000):
+                end = key.find("}", start)
+                agency_id = key[start:end] if end > 0 else ""
+                if agency_id in stale and key != self._outbox_key(agency_id):
+                    stale[agency_id].append(key)
+            for agency_id in sorted(agencies):
+                pipe = self._redis.pipeline(transaction=True)
+                keys = stale[agency_id]
+                for i in range(0, len(keys), _DELETE_BATCH):
+                    pipe.unlink(*keys[i : i + _DELETE_BATCH])
+                for owner, wallet in wallets:
+                    if owner == agency_id:
+                        key = self._wallet_key(agency_id, wallet.account_id, wallet.balance_type)
+                        pipe.hset(key, mapping=_wallet_mapping(wallet))
+                for state in sessions:
+                    if state.agency_id == agency_id:
+                        pipe.hset(self._session_key(agency_id, state.session_id), mapping=_session_mapping(state))
+                        if state.status == "open":
+                            pipe.sadd(self._live_key(agency_id), state.session_id)
+                            if state.channel == 1:
+                                pipe.sadd(self._client_key(agency_id, state.client_id), state.session_id)
+                await pipe.execute()
+            if agencies:
+                await self._redis.sadd(self._registry, *agencies)
+        for _, wallet in wallets:
+            self._anchors[wallet.account_id] = wallet.config.anchor_day
+        for agency_id in agencies:
+            self._touched(agency_id)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def _no_wallet(balance_type: BalanceType, account_id: str) -> NotFound:
+    return NotFound(f"no {balance_type.name.lower()} wallet for {account_id}", account_id=account_id)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _map_reply(reply: Sequence[str], start: int) -> dict[str, int]:
+    count = int(reply[start])
+    return {reply[start + 1 + 2 * i]: int(reply[start + 2 + 2 * i]) for i in range(count)}
+
+
+def _config_values(config: WalletConfig) -> list[int]:
+    refill = config.refill
+    return [
+        int(config.has_wallet),
+        config.free_allowance_micros,
+        config.usage_limit_micros,
+        config.anchor_day,
+        int(refill is not None),
+        int(refill.enabled) if refill else 0,
+        refill.threshold_micros if refill else 0,
+        refill.amount_micros if refill else 0,
+        refill.target_balance_micros if refill else 0,
+        refill.max_per_period if refill else 0,
+        config.low_balance_threshold_micros,
+    ]
+
+
+def _wallet_mapping(wallet: WalletState) -> dict[str, str | int]:
+    mapping: dict[str, str | int] = {"a": wallet.account_id, "bt": int(wallet.balance_type)}
+    mapping.update(zip(_CONFIG_FIELDS, _config_values(wallet.config), strict=True))
+    mapping.update(
+        ps=wallet.period_start,
+        pe=wallet.period_end,
+        fr=wallet.free_micros,
+        pu=wallet.purchased_micros,
+        rs=wallet.reserved_micros,
+        us=wallet.used_micros,
+        rn=wallet.refills_this_period,
+        ln=int(wallet.limit_notified),
+    )
+    return mapping
+
+
+def _wallet_from(reply: Sequence[str], start: int) -> WalletState:
+    """A wallet from its account id followed by _WALLET_FIELDS."""
+    bt, hw, fa, ul, ad, rf, re_, rt, ra, rg, rm, lb, ps, pe, fr, pu, rs, us, rn, ln = (
+        int(value) for value in reply[start + 1 : start + 1 + len(_WALLET_FIELDS)]
+    )
+    config = WalletConfig(
+        has_wallet=bool(hw),
+        free_allowance_micros=fa,
+        usage_limit_micros=ul,
+        anchor_day=ad,
+        refill=RefillSettings(bool(re_), rt, ra, rg, rm) if rf else None,
+        low_balance_threshold_micros=lb,
+    )
+    return WalletState(
+        account_id=reply[start],
+        balance_type=BalanceType(bt),
+        config=config,
+        period_start=ps,
+        period_end=pe,
+        free_micros=fr,
+        purchased_micros=pu,
+        reserved_micros=rs,
+        used_micros=us,
+        refills_this_period=rn,
+        limit_notified=bool(ln),
+    )
+
+
+def _session_mapping(state: SessionState) -> dict[str, str | int]:
+    mapping: dict[str, str | int] = {
+        "id": state.session_id,
+        "agency": state.agency_id,
+        "client": state.client_id,
+        "ch": state.channel,
+        "dir": state.direction,
+        "prov": state.provider,
+        "st": state.status,
+        "gr": state.granted_seconds,
+        "exp": repr(float(state.expires_at)),
+        "bil": state.billed_seconds,
+        "cut": state.cutoff_reason,
+        "rp": ",".join(state.reserved),
+        "cp": ",".join(state.charged),
+    }
+    mapping.update({f"r:{account}": micros for account, micros in state.reserved.items()})
+    mapping.update({f"c:{account}": micros for account, micros in state.charged.items()})
+    return mapping
+
+
+def _session_from(raw: dict[str, str]) -> SessionState:
+    payers = raw["rp"].split(",") if raw["rp"] else []
+    charged = raw["cp"].split(",") if raw["cp"] else []
+    return SessionState(
+        session_id=raw["id"],
+        agency_id=raw["agency"],
+        client_id=raw["client"],
+        channel=int(raw["ch"]),
+        direction=int(raw["dir"]),
+        provider=raw["prov"],
+        status=raw["st"],
+        granted_seconds=int(raw["gr"]),
+        reserved={account: int(raw[f"r:{account}"]) for account in payers},
+        expires_at=float(raw["exp"]),
+        billed_seconds=int(raw["bil"]),
+        charged={account: int(raw[f"c:{account}"]) for account in charged},
+        cutoff_reason=int(raw["cut"]),
+    )
+
+
+_RECORD_KINDS: dict[type, str] = {LedgerRecord: "L", EventRecord: "E", SessionRecord: "S"}
+
+
+def encode_record(record: Record) -> str:
+    """The JSON of an outbox record: "k" (L, E or S) and the record's fields by name."""
+    data: dict[str, Any] = {"k": _RECORD_KINDS[type(record)]}
+    data.update((f.name, getattr(record, f.name)) for f in fields(record))
+    return json.dumps(data, separators=(",", ":"))
+
+
+def decode_record(text: str) -> Record:
+    data: dict[str, Any] = json.loads(text)
+    kind = data["k"]
+    if kind == "L":
+        topup_kind = data.get("topup_kind")
+        return LedgerRecord(
+            entry_id=data["entry_id"],
+            account_id=data["account_id"],
+            balance_type=BalanceType(data["balance_type"]),
+            kind=EntryKind(data["kind"]),
+            amount_micros=int(data["amount_micros"]),
+            free_micros=int(data["free_micros"]),
+            purchased_micros=int(data["purchased_micros"]),
+            usage_micros=int(data["usage_micros"]),
+            created_at=float(data["created_at"]),
+            topup_kind=None if topup_kind is None else TopupKind(topup_kind),
+            session_id=data.get("session_id", ""),
+            message_id=data.get("message_id", ""),
+            idempotency_key=data.get("idempotency_key", ""),
+            external_ref=data.get("external_ref", ""),
+            seconds=int(data.get("seconds", 0)),
+        )
+    if kind == "E":
+        return EventRecord(
+            event_id=data["event_id"],
+            account_id=data["account_id"],
+            type=EventType(data["type"]),
+            balance_type=BalanceType(data["balance_type"]),
+            created_at=float(data["created_at"]),
+            amount_micros=int(data.get("amount_micros", 0)),
+            idempotency_key=data.get("idempotency_key", ""),
+            session_id=data.get("session_id", ""),
+            reason=int(data.get("reason", 0)),
+            attributes={str(k): str(v) for k, v in data.get("attributes", {}).items()},
+        )
+    if kind == "S":
+        return SessionRecord(
+            session_id=data["session_id"],
+            client_id=data["client_id"],
+            agency_id=data["agency_id"],
+            channel=int(data["channel"]),
+            direction=int(data["direction"]),
+            provider=data["provider"],
+            status=data["status"],
+            granted_seconds=int(data["granted_seconds"]),
+            billed_seconds=int(data["billed_seconds"]),
+            reserved={str(k): int(v) for k, v in data["reserved"].items()},
+            charged={str(k): int(v) for k, v in data["charged"].items()},
+            updated_at=float(data["updated_at"]),
+            cutoff_reason=int(data.get("cutoff_reason", 0)),
+        )
+    raise ValueError(f"not an outbox record: {text[:80]!r}")
