@@ -61,6 +61,19 @@ local function cdiv(a, b)
   return -idiv(-a, b)
 end
 
+-- floor(x * k / d) and ceil(x * k / d) for d > 0 and a small k, exact whenever the result
+-- is below 2^53 even if x * k is not: with x = q * d + r (0 <= r < d), x * k / d is
+-- q * k + r * k / d, and r * k stays small.
+local function muldiv_floor(x, k, d)
+  local q = idiv(x, d)
+  return q * k + idiv((x - q * d) * k, d)
+end
+
+local function muldiv_ceil(x, k, d)
+  local q = idiv(x, d)
+  return q * k + cdiv((x - q * d) * k, d)
+end
+
 local function split(text)
   local items = {}
   if text == nil or text == '' then

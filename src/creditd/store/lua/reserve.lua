@@ -58,7 +58,7 @@ local headroom_seconds, limited = nil, nil
 for i, payer in ipairs(payers) do
   local value, constraint = headroom(wallets[i])
   if value ~= nil and payer.rate > 0 then
-    local seconds = math.max(0, idiv((value + payer.carry) * 60, payer.rate) - payer.offset)
+    local seconds = math.max(0, muldiv_floor(value + payer.carry, 60, payer.rate) - payer.offset)
     if headroom_seconds == nil or seconds < headroom_seconds then
       headroom_seconds = seconds
       limited = {account = payer.account, constraint = constraint, wallet = wallets[i]}
@@ -99,7 +99,7 @@ if s == nil then
 end
 for i, payer in ipairs(payers) do
   local w = wallets[i]
-  local micros = cdiv(payer.rate * (payer.offset + seconds), 60) - payer.carry -- SliceTerms.needed
+  local micros = muldiv_ceil(payer.rate, payer.offset + seconds, 60) - payer.carry -- SliceTerms.needed
   local before = alert_level(w)
   w.rs = w.rs + micros
   if s.reserved[payer.account] == nil then
