@@ -59,9 +59,11 @@ async def _call(api: Api, client: str, seconds: int, plan_rate: int) -> None:
     granted = grant.grant.granted_seconds
     await stream.write(metering_pb2.StreamUsageRequest(end=metering_pb2.SessionEnd(seconds_used=seconds)))
     message = await stream.read()
-    while message.WhichOneof("msg") == "grant":  # a renewal may have raced the end
-        granted = message.grant.granted_seconds
+    while message.WhichOneof("msg") in ("grant", "warning"):  # a renewal may have raced the end
+        if message.WhichOneof("msg") == "grant":
+            granted = message.grant.granted_seconds
         message = await stream.read()
+    assert message.WhichOneof("msg") == "summary"
     summary = message.summary
     assert summary.billed_seconds == min(seconds, granted) <= granted
     assert summary.agency_charged_micros == voice_cost(CREDIT, summary.billed_seconds)
