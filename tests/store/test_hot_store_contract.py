@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from creditd.domain.periods import period_bounds_epoch
@@ -49,7 +49,9 @@ from creditd.store.base import (
     SessionOpen,
     SessionState,
     SettleRequest,
+    SettleResult,
     SmsDebitRequest,
+    SmsDebitResult,
     StoreUnavailable,
 )
 from creditd.store.embedded import EmbeddedHotStore
@@ -110,7 +112,9 @@ async def redis_store() -> AsyncIterator[RedisHotStore]:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def topup_entry(account: str, balance_type: BalanceType, free: int = 0, purchased: int = 0, entry_id: str = "") -> LedgerRecord:
+def topup_entry(
+    account: str, balance_type: BalanceType, free: int = 0, purchased: int = 0, entry_id: str = ""
+) -> LedgerRecord:
     return LedgerRecord(
         entry_id=entry_id or new_id(),
         account_id=account,
@@ -154,7 +158,9 @@ def terms(rate: int, granted: int = 0) -> SliceTerms:
 
 
 def opening(client: str = "c1", cap: int = 0) -> SessionOpen:
-    return SessionOpen(client_id=client, channel=1, direction=1, provider="deepgram", max_concurrent=cap, expires_at=T0 + 60)
+    return SessionOpen(
+        client_id=client, channel=1, direction=1, provider="deepgram", max_concurrent=cap, expires_at=T0 + 60
+    )
 
 
 async def reserve(
@@ -360,7 +366,11 @@ async def test_settle_free_before_purchased_then_idempotent(store: HotStore) -> 
 
     request = SettleRequest("s1", AGENCY, 30, {"c1": 500_000, "ag": 500_000}, T0 + 30)
     result = await store.settle(request)
-    assert (result.billed_seconds, result.charged, result.already_settled) == (30, {"c1": 500_000, "ag": 500_000}, False)
+    assert (result.billed_seconds, result.charged, result.already_settled) == (
+        30,
+        {"c1": 500_000, "ag": 500_000},
+        False,
+    )
     c1 = await read(store, "c1")
     assert (c1.free_micros, c1.purchased_micros, c1.reserved_micros, c1.used_micros) == (0, 1_800_000, 0, 500_000)
     ag = await read(store, "ag")
@@ -789,19 +799,19 @@ def wallet_configs(account: str) -> st.SearchStrategy[WalletConfig]:
     refills = st.builds(
         RefillSettings,
         enabled=st.booleans(),
-        threshold_micros=st.sampled_from([0, C, 2 * C]),
+        threshold_micros=st.sampled_from([0, C, 10 * C]),
         amount_micros=st.sampled_from([0, 5 * C]),
-        target_balance_micros=st.sampled_from([0, 6 * C]),
+        target_balance_micros=st.sampled_from([0, 25 * C]),
         max_per_period=st.integers(0, 2),
     )
     return st.builds(
         WalletConfig,
         has_wallet=st.just(has_wallet),
         free_allowance_micros=st.sampled_from([0, 500_000, 3 * C]) if has_wallet else st.just(0),
-        usage_limit_micros=st.sampled_from([0, C, 4 * C]) if client else st.just(0),
+        usage_limit_micros=st.sampled_from([0, 2 * C, 20 * C]) if client else st.just(0),
         anchor_day=st.sampled_from([1, 15, 28]),
         refill=st.none() | refills,
-        low_balance_threshold_micros=st.sampled_from([0, C, 3 * C]),
+        low_balance_threshold_micros=st.sampled_from([0, C, 10 * C]),
     )
 
 
@@ -809,35 +819,42 @@ def _configure(account: str) -> st.SearchStrategy[tuple[Any, ...]]:
     return st.tuples(st.just("configure"), st.just(account), st.sampled_from(BALANCES), wallet_configs(account))
 
 
+RESERVE = st.tuples(
+    st.just("reserve"),
+    st.integers(0, 2),  # session
+    st.sampled_from(CLIENTS),
+    st.sampled_from([1, 30, 60, 600]),
+    st.sampled_from([0, 166_667, C, 3 * C]),  # client rate
+    st.sampled_from([166_667, C]),  # agency rate
+    st.integers(0, 2),  # concurrency cap
+    st.booleans(),  # send SessionOpen for a session that exists
+)
+SETTLE = st.tuples(st.just("settle"), st.integers(0, 2), st.integers(0, 100), st.sampled_from([0, 1, 6]))
+SMS_SEND = st.tuples(
+    st.just("sms"),
+    st.integers(0, 3),  # message
+    st.sampled_from(CLIENTS),
+    st.integers(1, 3),
+    st.sampled_from([0, 166_000, C]),
+    st.sampled_from([166_000, 2 * C]),
+)
 OPERATIONS = st.one_of(
     st.sampled_from(list(ACCOUNTS)).flatmap(_configure),
     st.tuples(
         st.just("topup"),
         st.sampled_from(list(ACCOUNTS)),
         st.sampled_from(BALANCES),
-        st.sampled_from([0, C, 5 * C]),
-        st.sampled_from([0, 250_000, 3 * C]),
-        st.integers(0, 5),
+        st.sampled_from([0, C, 10 * C]),
+        st.sampled_from([0, 250_000, 10 * C]),
+        st.integers(0, 3),
     ),
-    st.tuples(
-        st.just("reserve"),
-        st.integers(0, 4),  # session
-        st.sampled_from(CLIENTS),
-        st.sampled_from([1, 30, 60, 600]),
-        st.sampled_from([0, 166_667, C, 3 * C]),  # client rate
-        st.sampled_from([C, 2 * C]),  # agency rate
-        st.integers(0, 2),  # concurrency cap
-        st.booleans(),  # send SessionOpen for a session that exists
-    ),
-    st.tuples(st.just("settle"), st.integers(0, 4), st.integers(0, 100), st.sampled_from([0, 1, 6])),
-    st.tuples(
-        st.just("sms"),
-        st.integers(0, 6),
-        st.sampled_from(CLIENTS),
-        st.integers(1, 3),
-        st.sampled_from([0, 166_000, C]),
-        st.sampled_from([166_000, 2 * C]),
-    ),
+    RESERVE,
+    RESERVE,
+    RESERVE,
+    SETTLE,
+    SETTLE,
+    SMS_SEND,
+    SMS_SEND,
     st.tuples(st.just("advance"), st.sampled_from([1, 3600, 9 * 86400, 17 * 86400, 35 * 86400])),
     st.tuples(st.just("read"), st.sampled_from(list(ACCOUNTS)), st.sampled_from(BALANCES)),
     st.tuples(st.just("append"), st.sampled_from(list(ACCOUNTS))),
@@ -959,19 +976,43 @@ async def snapshot(store: HotStore) -> dict[str, Any]:
     return found
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _outcome(name: str, result: Any) -> str:
+    if isinstance(result, tuple):
+        return f"{name}: {result[0]} {result[1]}"
+    if isinstance(result, ReserveResult):
+        limited = result.limited_by[1].value if result.limited_by else "-"
+        granted = "granted" if result.granted_seconds else "nothing"
+        return f"reserve: {granted}, limited by {limited}, concurrency denied {result.concurrency_denied}"
+    if isinstance(result, SmsDebitResult):
+        return f"sms: allowed {result.allowed}, duplicate {result.duplicate}"
+    if isinstance(result, SettleResult):
+        return f"settle: already settled {result.already_settled}"
+    return name
+
+
+def _record_kind(record: Record) -> str:
+    if isinstance(record, LedgerRecord):
+        return f"record {record.kind.name}"
+    if isinstance(record, EventRecord):
+        return f"record {record.type.name}"
+    return f"record session {record.status}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     configs=st.tuples(*(wallet_configs(account) for account in ACCOUNTS for _ in BALANCES)),
-    operations=st.lists(OPERATIONS, min_size=1, max_size=40),
+    operations=st.lists(OPERATIONS, min_size=5, max_size=40),
 )
-async def test_both_stores_behave_the_same(configs: tuple[WalletConfig, ...], operations: list[tuple[Any, ...]]) -> None:
+async def test_both_stores_behave_the_same(
+    configs: tuple[WalletConfig, ...], operations: list[tuple[Any, ...]]
+) -> None:
     async with open_store("embedded") as embedded, open_store("redis") as redis_store:
         stores = (embedded, redis_store)
         driver = Driver()
         for (account, balance_type), config in zip(itertools.product(ACCOUNTS, BALANCES), configs, strict=True):
             for store in stores:
                 await store.configure_wallet(AGENCY, account, balance_type, config, T0)
-                initial = topup_entry(account, balance_type, C, 2 * C, f"initial-{account}-{int(balance_type)}")
+                initial = topup_entry(account, balance_type, C, 20 * C, f"initial-{account}-{int(balance_type)}")
                 await store.apply_topup(AGENCY, initial, T0)
         for step, op in enumerate(operations):
             if op[0] == "advance":
@@ -985,4 +1026,7 @@ async def test_both_stores_behave_the_same(configs: tuple[WalletConfig, ...], op
             assert states[0] == states[1], f"step {step}: {op}"
             outboxes = [[anonymous(r) for r in await drain(store)] for store in stores]
             assert outboxes[0] == outboxes[1], f"step {step}: {op}"
+            event(_outcome(name, results[0]))
+            for record in outboxes[0]:
+                event(_record_kind(record))
             assert Counter(map(repr, outboxes[0])) == Counter(map(repr, outboxes[1]))

@@ -264,9 +264,7 @@ class RedisHotStore(HotStore):
             return None
         return self._wallet_reply(reply, 1)
 
-    async def snapshot_wallet(
-        self, agency_id: str, account_id: str, balance_type: BalanceType
-    ) -> WalletState | None:
+    async def snapshot_wallet(self, agency_id: str, account_id: str, balance_type: BalanceType) -> WalletState | None:
         """The wallet as stored, without rolling its period (nothing is written)."""
         with _redis_errors():
             raw: dict[str, str] = await self._redis.hgetall(self._wallet_key(agency_id, account_id, balance_type))
