@@ -19,10 +19,12 @@ from creditd.api.servicers import AccountServicer, LedgerServicer, MeteringServi
 from creditd.config import Settings
 from creditd.db import Database
 from creditd.db.migrate import upgrade
+from creditd.domain.records import DenyReason
 from creditd.engine.accounts import Accounts
 from creditd.engine.bus import LocalBus
 from creditd.engine.context import Context
 from creditd.engine.durability import Flusher, rebuild
+from creditd.engine.health import Monitor
 from creditd.engine.ledger import Ledger
 from creditd.engine.metering import Metering
 from creditd.store.base import HotStore
@@ -66,6 +68,29 @@ def make_store(settings: Settings) -> HotStore:
     return EmbeddedHotStore()
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_seconds * 1000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    key = Path(settings.tls_key).read_bytes()
+    cert = Path(settings.tls_cert).read_bytes()
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class App:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -92,8 +117,17 @@ class App:
         self.metering = Metering(self.ctx)
         await self.metering.start()
         self.auth = Authenticator(self.ctx, self.admin_token)
+        self.ctx.status.lag = self.flusher.lag_seconds
+        self.monitor = Monitor(
+            self.ctx.status,
+            self.ctx.store.ping,
+            self.db.ping,
+            self._serving_changed,
+            self._rebuild_lost_store,
+        )
+        self.monitor.start()
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=server_options(settings))
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(
             MeteringServicer(self.ctx, self.auth, self.metering), server
         )
@@ -112,7 +146,11 @@ class App:
             ),
             server,
         )
-        self.port = server.add_insecure_port(settings.listen)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(settings.listen)
+        else:
+            self.port = server.add_secure_port(settings.listen, credentials)
         if not self.port:
             raise SystemExit(f"cannot listen on {settings.listen}")
         await server.start()
@@ -125,7 +163,24 @@ class App:
         host = self.settings.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    async def _serving_changed(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in SERVICE_NAMES:
+            await self.health.set(name, status)
+
+    async def _rebuild_lost_store(self) -> None:
+        for run in list(self.metering.runs.values()):
+            run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
+        await rebuild(self.ctx)
+
+    async def drain(self) -> None:
+        """Stop taking sessions, let live calls end for `drain_seconds`, then cut and settle them."""
+        self.ctx.status.draining = True
+        await self._serving_changed(False)
+        await self.metering.drain(asyncio.get_running_loop().time() + self.settings.drain_seconds)
+
     async def stop(self, grace: float = 1.0) -> None:
+        await self.monitor.close()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)

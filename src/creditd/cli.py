@@ -49,8 +49,10 @@ async def _serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    print("creditd stopping", flush=True)
+    print(f"creditd draining: live calls have {settings.drain_seconds:g}s to end", flush=True)
+    await app.drain()
     await app.stop()
+    print("creditd stopped", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

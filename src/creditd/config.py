@@ -34,6 +34,15 @@ class Settings:
     warning_seconds: float = 10.0
     grace_seconds: float = 30.0
     authorize_ttl_seconds: float = 60.0
+    # Shutdown: how long live calls may go on after SIGTERM before they are cut and settled
+    drain_seconds: float = 30.0
+    # Transport
+    tls_cert: str = ""  # PEM files; a certificate and key turn TLS on
+    tls_key: str = ""
+    tls_client_ca: str = ""  # also require client certificates signed by this CA (mutual TLS)
+    max_message_bytes: int = 1024 * 1024
+    max_concurrent_streams: int = 256  # per connection
+    keepalive_min_seconds: int = 10  # clients pinging more often are disconnected
     # Write-behind of usage to the database
     flush_interval_seconds: float = 0.2
     flush_batch: int = 500
@@ -51,6 +60,10 @@ class Settings:
             raise ValueError("CREDITD_RENEWAL_LEAD_SECONDS must be positive")
         if self.grace_seconds < 0 or self.authorize_ttl_seconds <= 0:
             raise ValueError("grace and authorization time-to-live must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("CREDITD_TLS_CERT and CREDITD_TLS_KEY go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("CREDITD_TLS_CLIENT_CA needs CREDITD_TLS_CERT and CREDITD_TLS_KEY")
 
 
 _ENV = {
@@ -64,6 +77,13 @@ _ENV = {
     "grace_seconds": ("CREDITD_GRACE_SECONDS", float),
     "authorize_ttl_seconds": ("CREDITD_AUTHORIZE_TTL_SECONDS", float),
     "flush_interval_seconds": ("CREDITD_FLUSH_INTERVAL_SECONDS", float),
+    "drain_seconds": ("CREDITD_DRAIN_SECONDS", float),
+    "tls_cert": ("CREDITD_TLS_CERT", str),
+    "tls_key": ("CREDITD_TLS_KEY", str),
+    "tls_client_ca": ("CREDITD_TLS_CLIENT_CA", str),
+    "max_message_bytes": ("CREDITD_MAX_MESSAGE_BYTES", int),
+    "max_concurrent_streams": ("CREDITD_MAX_CONCURRENT_STREAMS", int),
+    "keepalive_min_seconds": ("CREDITD_KEEPALIVE_MIN_SECONDS", int),
     "platform_free_voice_micros": ("CREDITD_PLATFORM_FREE_VOICE_MICROS", int),
     "platform_free_sms_micros": ("CREDITD_PLATFORM_FREE_SMS_MICROS", int),
 }

@@ -16,8 +16,7 @@ from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
 def timestamp(epoch: float) -> Timestamp:
     stamp = Timestamp()
-    seconds = int(epoch)
-    stamp.seconds, stamp.nanos = seconds, round((epoch - seconds) * 1e9) % 1_000_000_000
+    stamp.FromMicroseconds(round(epoch * 1_000_000))  # the precision the database keeps
     return stamp
 
 

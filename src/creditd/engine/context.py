@@ -10,6 +10,7 @@ from creditd.config import Settings
 from creditd.db import Database
 from creditd.domain.accounts import Account, Plan
 from creditd.engine.bus import LocalBus
+from creditd.engine.health import Status
 from creditd.errors import NotFound
 from creditd.store.base import HotStore
 
@@ -80,8 +81,8 @@ class Catalog:
     async def client_plan(self, client: Account) -> Plan | None:
         return await self.plan(client.agency_id, client.plan_id) if client.plan_id else None
 
-    def clients_of_plan(self, agency_id: str, plan_id: str) -> list[str]:
-        return [a.account_id for a in self._accounts.values() if a.agency_id == agency_id and a.plan_id == plan_id]
+    def agency_ids(self) -> list[str]:
+        return [a.account_id for a in self._accounts.values() if a.is_agency]
 
 
 @dataclass
@@ -93,9 +94,11 @@ class Context:
     # Wall clock of billing periods and timestamps; timers use the event loop's clock.
     clock: Callable[[], float] = time.time
     catalog: Catalog = field(init=False)
+    status: Status = field(init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.db)
+        self.status = Status()
 
     def now(self) -> float:
         return self.clock()

@@ -28,9 +28,17 @@ from creditd.engine.messages import (
 from creditd.engine.pricing import Parties, parties
 from creditd.engine.voice import VoiceRun
 from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
-from creditd.store.base import Payer, ReserveRequest, SessionOpen, SessionState, SmsDebitRequest
+from creditd.store.base import (
+    Payer,
+    ReserveRequest,
+    SessionOpen,
+    SessionState,
+    SettleRequest,
+    SmsDebitRequest,
+)
 
 log = logging.getLogger(__name__)
+SWEEP_INTERVAL_SECONDS = 2.0
 
 
 class Metering:
@@ -39,17 +47,21 @@ class Metering:
         self.runs: dict[str, VoiceRun] = {}
         self.sms_streams: set[UsageStream] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._run_ended = asyncio.Event()
 
     async def start(self) -> None:
         ready = asyncio.Event()
         self._watcher = asyncio.create_task(self._watch(ready), name="metering-watch")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="metering-sweep")
         await ready.wait()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for run in list(self.runs.values()):
             await run.cancel()
         self.runs.clear()
@@ -68,6 +80,7 @@ class Metering:
     ) -> AuthorizeResult:
         validation.require_id(client_id, "client_id")
         party = await parties(self.ctx, client_id)
+        self.ctx.status.require_serving()
         if channel is Channel.SMS:
             return await self._authorize_sms(party, direction, country, quantity)
         validation.require_text(session_id, "session_id")
@@ -90,13 +103,13 @@ class Metering:
                 want_seconds=self.ctx.settings.slice_seconds,
                 payers=tuple(Payer(a, t.terms(0)) for a, t in tariffs.items()),
                 now=self.ctx.now(),
+                lease_until=expires_at + self._lease_margin(),
                 open=SessionOpen(
                     client_id=client_id,
                     channel=int(Channel.VOICE),
                     direction=int(direction),
                     provider=provider,
                     max_concurrent=party.plan.max_concurrent_sessions,
-                    expires_at=expires_at,
                 ),
             )
         )
@@ -144,7 +157,9 @@ class Metering:
                 "the session is already settled", "SESSION_SETTLED", session_id=existing.session_id
             )
         max_seconds = existing.granted_seconds + await self._headroom_seconds(party, provider)
-        return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, existing.expires_at)
+        run = self.runs.get(existing.session_id)
+        expires_at = run.authorize_expires_at if run is not None else existing.expires_at
+        return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, expires_at)
 
     async def _headroom_seconds(self, party: Parties, provider: str) -> int:
         seconds = MAX_SESSION_SECONDS
@@ -172,8 +187,31 @@ class Metering:
                 return AuthorizeResult(False, party.deny_reason((account_id, constraint)))
         return AuthorizeResult(True)
 
+    async def drain(self, deadline: float) -> None:
+        """Let live calls end by themselves until `deadline` (loop time), then cut them."""
+        await self._runs_ended(deadline - asyncio.get_running_loop().time())
+        for run in list(self.runs.values()):
+            run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
+        for stream in list(self.sms_streams):
+            await stream.cut(DenyReason.SERVICE_UNAVAILABLE)
+        await self._runs_ended(None)
+
+    async def _runs_ended(self, within: float | None) -> None:
+        async def ended() -> None:
+            while self.runs:
+                self._run_ended.clear()
+                await self._run_ended.wait()
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended(), None if within is None else max(0.0, within))
+
+    def _lease_margin(self) -> float:
+        settings = self.ctx.settings
+        return settings.slice_seconds + settings.grace_seconds
+
     def _forget(self, run: VoiceRun) -> None:
         self.runs.pop(run.session_id, None)
+        self._run_ended.set()
 
     # -- reacting to operators and payments --------------------------------------------
 
@@ -218,6 +256,38 @@ class Metering:
                 party = await parties(self.ctx, stream.sms.client_id)
                 if not party.subscription_active(stream.sms.direction):
                     await stream.cut(DenyReason.SUBSCRIPTION_INACTIVE)
+
+    # -- sessions nobody serves ---------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Settle sessions whose lease ran out and that no stream here serves (their replica
+        died, or their run failed), billing everything granted. Returns how many."""
+        now = self.ctx.now()
+        settled = 0
+        for agency_id in self.ctx.catalog.agency_ids():
+            for state in await self.ctx.store.live_sessions(agency_id):
+                if state.session_id in self.runs or state.expires_at >= now or state.channel != Channel.VOICE:
+                    continue
+                result = await self.ctx.store.settle(
+                    SettleRequest(
+                        session_id=state.session_id,
+                        agency_id=agency_id,
+                        billed_seconds=state.granted_seconds,
+                        costs=dict(state.reserved),
+                        now=now,
+                        cutoff_reason=int(DenyReason.SESSION_ABANDONED),
+                    )
+                )
+                settled += not result.already_settled
+        return settled
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            try:
+                await self.sweep()
+            except Exception as exc:  # the store is away: the next sweep tries again
+                log.warning("sweeping expired sessions failed: %s", exc)
 
     def open_stream(self) -> UsageStream:
         return UsageStream(self)
@@ -270,6 +340,7 @@ class UsageStream:
         validation.require_id(start.client_id, "start.client_id")
         party = await parties(self.ctx, start.client_id)
         if start.channel == Channel.SMS:
+            self.ctx.status.require_serving()
             direction = Direction(start.direction) if start.direction else Direction.OUTBOUND
             self.sms = SmsSession(start.session_id, start.client_id, party.agency_id, direction)
             self.metering.sms_streams.add(self)

@@ -192,6 +192,9 @@ class VoiceRun:
             await asyncio.wait_for(self._wakeup.wait(), max(0.0, seconds))
 
     async def _renew(self) -> None:
+        if not self.ctx.status.can_renew():
+            self.exhausted = DenyReason.SERVICE_UNAVAILABLE
+            return
         try:
             party = await parties(self.ctx, self.client_id)
             if not party.subscription_active(self.direction):
@@ -207,6 +210,7 @@ class VoiceRun:
                     want_seconds=self.ctx.settings.slice_seconds,
                     payers=tuple(Payer(a, t.terms(self.granted)) for a, t in self.tariffs.items()),
                     now=self.ctx.now(),
+                    lease_until=self.ctx.now() + 2 * self.ctx.settings.slice_seconds + self.ctx.settings.grace_seconds,
                 )
             )
         except CreditdError as exc:

@@ -42,7 +42,6 @@ class SessionOpen:
     direction: int
     provider: str
     max_concurrent: int  # 0: no cap
-    expires_at: float  # released if not started (or resumed) by then
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ class ReserveRequest:
     want_seconds: int
     payers: tuple[Payer, ...]
     now: float
+    # Until when the session is known to be served: past it (grant, renewal margin and grace
+    # included) any replica may settle the session at everything it was granted.
+    lease_until: float
     open: SessionOpen | None = None
 
 
@@ -114,7 +116,7 @@ class SessionState:
     status: str  # "open" or "settled"
     granted_seconds: int
     reserved: dict[str, int]
-    expires_at: float
+    expires_at: float  # the lease: see ReserveRequest.lease_until
     billed_seconds: int = 0
     charged: dict[str, int] = field(default_factory=dict)
     cutoff_reason: int = 0
@@ -182,6 +184,10 @@ class HotStore(abc.ABC):
         `applied_topups` are the (agency id, entry id) of the top-ups the wallets already
         include, so that a retried Topup does not credit them a second time.
         """
+
+    async def ping(self) -> bool:
+        """Raise StoreUnavailable if unreachable; False if the store lost what it held."""
+        return True
 
     async def close(self) -> None:
         return None

@@ -165,9 +165,11 @@ class EmbeddedHotStore(HotStore):
                 status="open",
                 granted_seconds=0,
                 reserved={},
-                expires_at=request.open.expires_at,
+                expires_at=request.lease_until,
             )
-        state = replace(state, granted_seconds=granted + seconds, reserved=reserved)
+        state = replace(
+            state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until
+        )
         self._sessions[request.session_id] = state
         self._emit([self._session_record(state, request.now)])
         return ReserveResult(seconds, state.granted_seconds, headroom_seconds, limited_by, reserved=reserved)

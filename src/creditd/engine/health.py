@@ -1,0 +1,107 @@
+"""Whether this replica may take new work: its stores answer and it is not draining.
+
+New sessions fail closed: while the hot store or the database cannot be reached, or while
+the server drains for shutdown, Authorize and new streams get UNAVAILABLE. Live calls keep
+renewing while the hot store answers and the write-behind is no more than
+`max_unrecorded_seconds` behind; past that they end with their current grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from creditd.store.base import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Status:
+    def __init__(self, max_unrecorded_seconds: float = 30.0) -> None:
+        self.store_ok = True
+        self.db_ok = True
+        self.draining = False
+        self.max_unrecorded_seconds = max_unrecorded_seconds
+        self.lag: Callable[[], float] = lambda: 0.0
+
+    @property
+    def serving(self) -> bool:
+        return self.store_ok and self.db_ok and not self.draining
+
+    def require_serving(self) -> None:
+        if self.draining:
+            raise StoreUnavailable("the server is shutting down; use another replica", state="draining")
+        if not self.store_ok:
+            raise StoreUnavailable("the hot store is unavailable; nothing was granted", store="hot")
+        if not self.db_ok:
+            raise StoreUnavailable("the database is unavailable; nothing was granted", store="database")
+
+    def can_renew(self) -> bool:
+        """A live call may reserve more while what it uses can still be recorded."""
+        return self.store_ok and (self.db_ok or self.lag() < self.max_unrecorded_seconds)
+
+
+class Monitor:
+    """Pings both stores every `interval` seconds and reports changes of `serving`."""
+
+    def __init__(
+        self,
+        status: Status,
+        ping_store: Callable[[], Awaitable[bool]],
+        ping_db: Callable[[], Awaitable[None]],
+        on_change: Callable[[bool], Awaitable[None]],
+        on_store_lost: Callable[[], Awaitable[None]],
+        interval: float = 1.0,
+    ) -> None:
+        self.status = status
+        self._ping_store = ping_store
+        self._ping_db = ping_db
+        self._on_change = on_change
+        self._on_store_lost = on_store_lost
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="health-monitor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check(self) -> None:
+        before = self.status.serving
+        intact = False
+        try:
+            intact = await asyncio.wait_for(self._ping_store(), self._interval)
+            self.status.store_ok = True
+        except (StoreUnavailable, TimeoutError, OSError) as exc:
+            self.status.store_ok = False
+            log.warning("hot store unavailable: %s", exc)
+        if self.status.store_ok and not intact:
+            # The hot store answers but lost what it held: rebuild it before serving again.
+            self.status.store_ok = False
+            started = time.monotonic()
+            await self._on_store_lost()
+            self.status.store_ok = True
+            log.warning("hot store rebuilt from the database in %.2fs", time.monotonic() - started)
+        try:
+            await asyncio.wait_for(self._ping_db(), self._interval)
+            self.status.db_ok = True
+        except (StoreUnavailable, TimeoutError, OSError) as exc:
+            self.status.db_ok = False
+            log.warning("database unavailable: %s", exc)
+        if self.status.serving != before:
+            await self._on_change(self.status.serving)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception:
+                log.exception("health check failed")
+            await asyncio.sleep(self._interval)
