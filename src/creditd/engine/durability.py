@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 
-from creditd.domain.accounts import Account
+from creditd.domain.accounts import Account, Plan
 from creditd.domain.periods import period_bounds_epoch
 from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType
 from creditd.domain.wallet import WalletState
@@ -122,15 +122,63 @@ async def rebuild(ctx: Context) -> int:
     return len(sessions)
 
 
+async def reconcile(ctx: Context, attempts: int = 3) -> list[str]:
+    """Compare the hot store with the ledger, account by account. Returns one line per
+    difference (none: they agree to the micro-credit).
+
+    Operations in flight while it runs can show as differences that are gone a moment
+    later, so a difference must persist over `attempts` comparisons to be reported.
+    """
+    differences: list[str] = []
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(0.5)
+        differences = await _compare(ctx)
+        if not differences:
+            break
+    return differences
+
+
+async def _compare(ctx: Context) -> list[str]:
+    now = ctx.now()
+    accounts = await ctx.db.list_accounts()
+    hot: dict[tuple[str, BalanceType], WalletState | None] = {}
+    for account in accounts:  # read first: a wallet that rolls into a new period writes records
+        for balance_type in BalanceType:
+            key = (account.account_id, balance_type)
+            hot[key] = await ctx.store.read_wallet(account.agency_id, account.account_id, balance_type, now)
+    await Flusher(ctx).flush()
+    totals = await ctx.db.wallet_totals()
+    reserved: dict[str, int] = {}
+    for record in await ctx.db.open_sessions():
+        for account_id, micros in record.reserved.items():
+            reserved[account_id] = reserved.get(account_id, 0) + micros
+    differences = []
+    for account in accounts:
+        plan = await ctx.catalog.client_plan(account)
+        for balance_type in BalanceType:
+            name = f"{account.account_id} {balance_type.name.lower()}"
+            wallet = hot[(account.account_id, balance_type)]
+            if wallet is None:
+                differences.append(f"{name}: missing from the hot store")
+                continue
+            expected = await _wallet(ctx, account, balance_type, plan, totals, reserved)
+            for field in ("free_micros", "purchased_micros", "reserved_micros", "used_micros"):
+                want, have = getattr(expected, field), getattr(wallet, field)
+                if want != have:
+                    differences.append(f"{name} {field}: ledger {want}, hot store {have}")
+    return differences
+
+
 async def _wallet(
     ctx: Context,
     account: Account,
     balance_type: BalanceType,
-    plan: object,
+    plan: Plan | None,
     totals: dict[tuple[str, BalanceType], tuple[int, int]],
     reserved: dict[str, int],
 ) -> WalletState:
-    config = account.wallet_config(balance_type, plan)  # type: ignore[arg-type]
+    config = account.wallet_config(balance_type, plan)
     mark = await ctx.db.period_mark(account.account_id, balance_type)
     start, end = period_bounds_epoch(max(mark or 0.0, account.created_at), config.anchor_day)
     free, purchased = totals.get((account.account_id, balance_type), (0, 0))
