@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from creditd.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
+from tests import services
 
 ADMIN_TOKEN = "cdk_admin_0123456789abcdef"
 CREDIT = MICROS_PER_CREDIT
@@ -147,17 +148,45 @@ class Running:
 ServerFactory = Callable[..., contextlib.AbstractAsyncContextManager[Running]]
 
 
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    name = services.migrated_template()
+    yield name
+    services.drop_database(name)
+
+
+@pytest.fixture(params=["embedded", "redis+postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Where a test server keeps its state: SQLite and in-process, or Postgres and Redis."""
+    if request.param == "embedded":
+        yield {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"}
+        return
+    template = request.getfixturevalue("postgres_template")
+    database = services.create_database(template)
+    prefix = services.new_redis_prefix()
+    try:
+        yield {
+            "database_url": services.postgres_url(database),
+            "redis_url": services.REDIS_URL,
+            "redis_prefix": prefix,
+        }
+    finally:
+        services.drop_database(database)
+        services.delete_redis_keys(prefix)
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> ServerFactory:
-    """Start a server with settings overridden by keyword; several may run in one test."""
+def make_server(backend: dict[str, str]) -> ServerFactory:
+    """Start a server with settings overridden by keyword; several may run in one test and
+    share the backend's stores, as replicas do."""
 
     @contextlib.asynccontextmanager
     async def start(clock: Callable[[], float] = time.time, **overrides: Any) -> AsyncIterator[Running]:
         values: dict[str, Any] = {
             "listen": "127.0.0.1:0",
-            "database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}",
             "admin_token": ADMIN_TOKEN,
             "flush_interval_seconds": 0.05,
+            **backend,
         }
         values.update(overrides)
         app = App(Settings(**values), clock)

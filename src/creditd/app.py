@@ -29,6 +29,8 @@ from creditd.engine.ledger import Ledger
 from creditd.engine.metering import Metering
 from creditd.store.base import HotStore
 from creditd.store.embedded import EmbeddedHotStore
+from creditd.store.redis import RedisHotStore
+from creditd.store.redis_bus import RedisBus
 from creditd.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -62,10 +64,14 @@ async def migrate(url: str) -> None:
     await asyncio.to_thread(_migrate, url)
 
 
-def make_store(settings: Settings) -> HotStore:
+def make_store(settings: Settings) -> tuple[HotStore, LocalBus]:
+    """The hot store and the bus: in process, or shared by every replica through Redis."""
     if settings.redis_url:
-        raise SystemExit("CREDITD_REDIS_URL is set but this build has no Redis store")
-    return EmbeddedHotStore()
+        return (
+            RedisHotStore(settings.redis_url, settings.redis_prefix),
+            RedisBus(settings.redis_url, settings.redis_prefix),
+        )
+    return EmbeddedHotStore(), LocalBus()
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -106,7 +112,8 @@ class App:
             await migrate(settings.database_url)
         self.db = Database(settings.database_url)
         await self.db.ping()
-        self.ctx = Context(settings, make_store(settings), self.db, LocalBus(), self.clock)
+        store, bus = make_store(settings)
+        self.ctx = Context(settings, store, self.db, bus, self.clock)
         await self.ctx.bus.start()
         await self.ctx.catalog.load()
         settled = await rebuild(self.ctx)

@@ -27,6 +27,7 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     database_url: str = field(default_factory=default_database_url)
     redis_url: str = ""  # empty: the embedded hot store
+    redis_prefix: str = "creditd:"  # of every key; replicas sharing balances share it
     admin_token: str = ""  # empty: a new random one each start, printed
     # Sessions
     slice_seconds: int = 60
@@ -70,6 +71,7 @@ _ENV = {
     "listen": ("CREDITD_LISTEN", str),
     "database_url": ("CREDITD_DATABASE_URL", str),
     "redis_url": ("CREDITD_REDIS_URL", str),
+    "redis_prefix": ("CREDITD_REDIS_PREFIX", str),
     "admin_token": ("CREDITD_ADMIN_TOKEN", str),
     "slice_seconds": ("CREDITD_SLICE_SECONDS", int),
     "renewal_lead_seconds": ("CREDITD_RENEWAL_LEAD_SECONDS", float),

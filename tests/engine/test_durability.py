@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from creditd.domain.records import BalanceType
+from creditd.domain.records import BalanceType, EntryKind, LedgerRecord, new_id
 from creditd.engine.durability import rebuild, reconcile
 from tests.conftest import CREDIT, Running
 
@@ -25,8 +25,8 @@ async def test_reconcile_finds_no_difference_after_activity_and_finds_a_tampered
     assert await reconcile(ctx) == []
     wallet = await ctx.store.read_wallet("a1", "c1", BalanceType.VOICE, ctx.now())
     assert wallet is not None
-    held = ctx.store._wallets[("c1", BalanceType.VOICE)]  # type: ignore[attr-defined]
-    held.purchased_micros += 1  # one micro-credit the ledger never saw
+    unrecorded = LedgerRecord(new_id(), "c1", BalanceType.VOICE, EntryKind.TOPUP, 1, 0, 1, 0, ctx.now())
+    await ctx.store.apply_topup("a1", unrecorded, ctx.now())  # a micro-credit the ledger never saw
     assert await reconcile(ctx, attempts=1) == [
         f"c1 voice purchased_micros: ledger {wallet.purchased_micros}, hot store {wallet.purchased_micros + 1}"
     ]

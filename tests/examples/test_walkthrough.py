@@ -7,11 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ADMIN_TOKEN, Running
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "walkthrough.py"
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 async def test_walkthrough_ends_with_the_call_cut_off_when_credits_run_out(server: Running) -> None:
     env = {**os.environ, "CREDITD_ADDRESS": server.app.address, "CREDITD_TOKEN": ADMIN_TOKEN}
     process = await asyncio.create_subprocess_exec(

@@ -1,0 +1,68 @@
+"""Real creditd servers for the client tests, from the server's own test fixtures.
+
+Run from the repository root: `python -m pytest clients/python/tests`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from creditd_client import aio
+from tests.conftest import ADMIN_TOKEN, Running, ServerFactory, api, make_server, server
+
+__all__ = ["ADMIN_TOKEN", "FAST", "Setup", "api", "make_server", "server"]
+
+CREDIT = 1_000_000
+# Short slices so that calls renew, warn and get cut off within seconds.
+FAST = {"slice_seconds": 2, "renewal_lead_seconds": 1, "warning_seconds": 1}
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> dict[str, str]:
+    """The client talks to every backend the same way: its tests use the embedded one."""
+    return {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"}
+
+
+@pytest.fixture
+async def fast_server(make_server: ServerFactory) -> AsyncIterator[Running]:
+    async with make_server(**FAST) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(fast_server: Running) -> AsyncIterator[aio.Client]:
+    async with aio.Client(fast_server.app.address, ADMIN_TOKEN) as connected:
+        yield connected
+
+
+@dataclass
+class Setup:
+    """An agency with a plan at one credit a second and a REBILLING client on it."""
+
+    agency_id: str
+    plan_id: str
+    client_id: str
+
+
+@pytest.fixture
+async def setup(client: aio.Client) -> Setup:
+    run = uuid.uuid4().hex[:8]
+    result = Setup(f"agency-{run}", "per-second", f"client-{run}")
+    await client.create_agency(result.agency_id, "Test agency")
+    await client.create_plan(
+        result.agency_id,
+        result.plan_id,
+        default_voice_micros_per_minute=60 * CREDIT,
+        default_sms_micros_per_segment=166_000,
+    )
+    await client.create_client(result.client_id, result.agency_id, result.plan_id)
+    return result
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
