@@ -176,9 +176,17 @@ class App:
             await self.health.set(name, status)
 
     async def _rebuild_lost_store(self) -> None:
+        """The hot store lost its data: its live calls are gone with it. One replica rebuilds
+        it from the database (settling the sessions the database knows as open); the others
+        wait until it is whole."""
         for run in list(self.metering.runs.values()):
             run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
-        await rebuild(self.ctx)
+        async with self.ctx.store.rebuild_lock() as mine:
+            if mine:
+                await rebuild(self.ctx)
+                return
+        while await self.ctx.store.ping() is False:
+            await asyncio.sleep(0.2)
 
     async def drain(self) -> None:
         """Stop taking sessions, let live calls end for `drain_seconds`, then cut and settle them."""

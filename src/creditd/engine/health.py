@@ -50,7 +50,7 @@ class Monitor:
     def __init__(
         self,
         status: Status,
-        ping_store: Callable[[], Awaitable[bool]],
+        ping_store: Callable[[], Awaitable[bool | None]],
         ping_db: Callable[[], Awaitable[None]],
         on_change: Callable[[bool], Awaitable[None]],
         on_store_lost: Callable[[], Awaitable[None]],
@@ -77,7 +77,7 @@ class Monitor:
         before = self.status.serving
         intact = False
         try:
-            intact = await asyncio.wait_for(self._ping_store(), self._interval)
+            intact = await asyncio.wait_for(self._ping_store(), self._interval) is not False
             self.status.store_ok = True
         except (StoreUnavailable, TimeoutError, OSError) as exc:
             self.status.store_ok = False

@@ -9,7 +9,8 @@ step; a flusher moves them to the database in batches (see creditd.store.flusher
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection
+import contextlib
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
 from creditd.domain.records import BalanceType, LedgerRecord, Record
@@ -185,9 +186,19 @@ class HotStore(abc.ABC):
         include, so that a retried Topup does not credit them a second time.
         """
 
-    async def ping(self) -> bool:
+    async def ping(self) -> bool | None:
         """Raise StoreUnavailable if unreachable; False if the store lost what it held."""
         return True
 
+    def rebuild_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Held by the one replica that rebuilds a lost store; yields False to the others,
+        which wait for the store to be whole again."""
+        return _always_mine()
+
     async def close(self) -> None:
         return None
+
+
+@contextlib.asynccontextmanager
+async def _always_mine() -> AsyncIterator[bool]:
+    yield True
