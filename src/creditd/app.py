@@ -185,7 +185,7 @@ class App:
             if mine:
                 await rebuild(self.ctx)
                 return
-        while await self.ctx.store.ping() is False:
+        while await self.ctx.store.ping() is False:  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.2)
 
     async def drain(self) -> None:
