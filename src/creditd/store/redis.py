@@ -10,13 +10,14 @@ Key layout (P = the key prefix, "creditd:" by default; every key of an agency an
 clients carries the hash tag {agency}, so a script touches one Redis Cluster slot):
 
     P{a}:w:<account>:<balance type>   hash   a wallet: configuration and state
-    P{a}:t:<account>:<balance type>   set    top-up entry ids already applied to it
+    P{a}:topups                       set    ids of the top-up entries already applied
     P{a}:s:<session id>               hash   a session (open or settled)
     P{a}:live                         set    ids of the agency's open sessions
     P{a}:cc:<client>                  set    ids of the client's open voice sessions
     P{a}:sms:<message id>             hash   the result of an allowed SMS debit
     P{a}:outbox                       stream records for the database, field "r": JSON
     Pagencies                         set    agencies with state (no hash tag, see below)
+    Ploaded                           string set by load(); ping() answers False without it
 
 Every key a script touches is declared in KEYS. Settlement needs the wallets of the
 session's payers and the set of its client, which only the stored session knows: Python
@@ -41,12 +42,17 @@ An outbox id is "<agency>/<stream entry id>".
 Differences from the embedded store, all deliberate:
   * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
     where the embedded store may already have rolled (or settled) the payers before it.
-  * Sessions and SMS results are per agency (the embedded store keys them by id alone),
-    and `live_sessions` is ordered by session id.
+  * Sessions, SMS results and applied top-up ids are per agency (the embedded store keys
+    them by id alone), and `live_sessions` is ordered by session id.
   * `load` replaces the state of the agencies it is given (the embedded store: all), and
-    keeps their outbox streams, as the embedded store keeps its outbox.
+    keeps their outbox streams, as the embedded store keeps its outbox. It runs one
+    transaction per agency, so a concurrent call sees an agency before or after, but it
+    is meant for a store nobody else is using (a start, or a Redis that lost its data).
   * `settled_ttl_seconds` (default 0: keep forever, as the embedded store does) can
     expire settled sessions and SMS results.
+
+Numbers: amounts are decimal integer strings in Redis; the scripts compute with Lua's
+doubles, exactly while every amount and result stays below 2**53 (see _lib.lua).
 
 Connection errors and timeouts raise StoreUnavailable. redis-py does not retry commands
 (a retried script after a lost reply could apply twice); a timeout leaves the outcome of
@@ -61,16 +67,17 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.typing import EncodableT
 
 from creditd.domain.periods import period_bounds_epoch
 from creditd.domain.records import (
@@ -100,7 +107,7 @@ from creditd.store.base import (
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
 DEFAULT_PREFIX = "creditd:"
 _ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
-_DELETE_BATCH = 500
+_BATCH = 500  # keys or members per command in load()
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rx.ConnectionError,  # also BusyLoadingError, MaxConnectionsError
@@ -154,6 +161,7 @@ class RedisHotStore(HotStore):
         self._redis = aioredis.Redis.from_url(url, **options)
         self._prefix = prefix
         self._registry = f"{prefix}agencies"
+        self._marker = f"{prefix}loaded"
         self._settled_ttl = int(settled_ttl_seconds)
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = 0.0
@@ -171,8 +179,8 @@ class RedisHotStore(HotStore):
     def _wallet_key(self, agency_id: str, account_id: str, balance_type: BalanceType) -> str:
         return f"{self._tag(agency_id)}w:{account_id}:{int(balance_type)}"
 
-    def _topups_key(self, agency_id: str, account_id: str, balance_type: BalanceType) -> str:
-        return f"{self._tag(agency_id)}t:{account_id}:{int(balance_type)}"
+    def _topups_key(self, agency_id: str) -> str:
+        return f"{self._tag(agency_id)}topups"
 
     def _session_key(self, agency_id: str, session_id: str) -> str:
         return f"{self._tag(agency_id)}s:{session_id}"
@@ -229,7 +237,7 @@ class RedisHotStore(HotStore):
     ) -> list[str]:
         """Run a script that may roll periods, passing the bounds it asks for."""
         for _ in range(_ATTEMPTS):
-            reply = await self._eval(name, agency_id, keys, self._common(now, self._anchor_days(accounts)) + args)
+            reply = await self._eval(name, agency_id, keys, [*self._common(now, self._anchor_days(accounts)), *args])
             if reply[0] != "BOUNDS":
                 return reply
             self._learn_bounds(reply)
@@ -240,9 +248,16 @@ class RedisHotStore(HotStore):
 
     # -- configuration and reads -----------------------------------------------------------
 
-    async def ping(self) -> None:
+    async def ping(self) -> bool:
+        """Raise StoreUnavailable if Redis cannot be reached; False if it lost what load() wrote.
+
+        Redis without persistence comes back empty after a restart: the marker that load()
+        sets is gone with everything else, and the state must be rebuilt.
+        """
         with _redis_errors():
             await self._redis.ping()
+            loaded: int = await self._redis.exists(self._marker)
+        return bool(loaded)
 
     async def configure_wallet(
         self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
@@ -250,7 +265,7 @@ class RedisHotStore(HotStore):
         with _redis_errors():
             await self._redis.sadd(self._registry, agency_id)
         keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
-        args = self._common(now, [config.anchor_day]) + [account_id, int(balance_type), *_config_values(config)]
+        args = [*self._common(now, [config.anchor_day]), account_id, int(balance_type), *_config_values(config)]
         reply = await self._eval("configure_wallet", agency_id, keys, args)
         self._anchors[account_id] = config.anchor_day
         return [decode_record(text) for text in reply[1:]]
@@ -267,19 +282,19 @@ class RedisHotStore(HotStore):
     async def snapshot_wallet(self, agency_id: str, account_id: str, balance_type: BalanceType) -> WalletState | None:
         """The wallet as stored, without rolling its period (nothing is written)."""
         with _redis_errors():
-            raw: dict[str, str] = await self._redis.hgetall(self._wallet_key(agency_id, account_id, balance_type))
+            raw = cast(dict[str, str], await self._redis.hgetall(self._wallet_key(agency_id, account_id, balance_type)))
         if not raw:
             return None
         return _wallet_from([raw["a"], *(raw[field] for field in _WALLET_FIELDS)], 0)
 
     async def session(self, agency_id: str, session_id: str) -> SessionState | None:
         with _redis_errors():
-            raw: dict[str, str] = await self._redis.hgetall(self._session_key(agency_id, session_id))
+            raw = cast(dict[str, str], await self._redis.hgetall(self._session_key(agency_id, session_id)))
         return _session_from(raw) if raw else None
 
     async def live_sessions(self, agency_id: str) -> list[SessionState]:
         with _redis_errors():
-            ids: set[str] = await self._redis.smembers(self._live_key(agency_id))
+            ids = cast(set[str], await self._redis.smembers(self._live_key(agency_id)))
             pipe = self._redis.pipeline(transaction=False)
             ordered = sorted(ids)
             for session_id in ordered:
@@ -304,7 +319,13 @@ class RedisHotStore(HotStore):
             self._live_key(agency_id),
             *(self._wallet_key(agency_id, account, request.balance_type) for account in accounts),
         ]
-        args: list[str | int] = [request.session_id, agency_id, request.want_seconds, len(request.payers)]
+        args: list[str | int] = [
+            request.session_id,
+            agency_id,
+            request.want_seconds,
+            repr(float(request.lease_until)),
+            len(request.payers),
+        ]
         for payer in request.payers:
             args += [payer.account_id, payer.terms.rate, payer.terms.carry, payer.terms.offset]
         opening = request.open
@@ -319,7 +340,6 @@ class RedisHotStore(HotStore):
                 opening.direction,
                 opening.provider,
                 opening.max_concurrent,
-                repr(float(opening.expires_at)),
             ]
         reply = await self._eval_rolling("reserve", agency_id, keys, accounts, request.now, args)
         status = reply[0]
@@ -355,7 +375,8 @@ class RedisHotStore(HotStore):
                 *(self._wallet_key(agency_id, account, BalanceType.VOICE) for account in accounts),
                 *(self._client_key(agency_id, client) for client in clients),
             ]
-            args = self._common(request.now, self._anchor_days(accounts)) + [
+            args = [
+                *self._common(request.now, self._anchor_days(accounts)),
                 request.session_id,
                 request.billed_seconds,
                 request.cutoff_reason,
@@ -421,7 +442,7 @@ class RedisHotStore(HotStore):
     async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
         keys = [
             self._wallet_key(agency_id, entry.account_id, entry.balance_type),
-            self._topups_key(agency_id, entry.account_id, entry.balance_type),
+            self._topups_key(agency_id),
             self._outbox_key(agency_id),
         ]
         args: list[str | int] = [entry.entry_id, entry.free_micros, entry.purchased_micros]
@@ -448,8 +469,7 @@ class RedisHotStore(HotStore):
         sweep = time.monotonic() >= self._next_sweep
         with _redis_errors():
             if sweep:
-                registry: set[str] = await self._redis.smembers(self._registry)
-                agencies |= registry
+                agencies |= cast(set[str], await self._redis.smembers(self._registry))
             ordered = sorted(agencies)
             pipe = self._redis.pipeline(transaction=False)
             for agency_id in ordered:
@@ -483,8 +503,23 @@ class RedisHotStore(HotStore):
                 pipe.xdel(self._outbox_key(agency_id), *entry_ids)
             await pipe.execute()
 
-    async def load(self, wallets: list[tuple[str, WalletState]], sessions: list[SessionState]) -> None:
-        agencies = {agency_id for agency_id, _ in wallets} | {s.agency_id for s in sessions}
+    async def load(
+        self,
+        wallets: list[tuple[str, WalletState]],
+        sessions: list[SessionState],
+        applied_topups: Collection[tuple[str, str]] = (),
+    ) -> None:
+        """Replace the state of the agencies named, one MULTI/EXEC transaction per agency.
+
+        Every key of those agencies is deleted (found by SCAN) except their outbox, which
+        keeps records not yet in the database, as the embedded store keeps its outbox.
+        Top-ups of an unknown agency ("") are left out: they have no wallet to apply to.
+        """
+        topups: dict[str, list[str]] = {}
+        for agency_id, entry_id in applied_topups:
+            if agency_id:
+                topups.setdefault(agency_id, []).append(entry_id)
+        agencies = {agency_id for agency_id, _ in wallets} | {s.agency_id for s in sessions} | set(topups)
         stale: dict[str, list[str]] = {agency_id: [] for agency_id in agencies}
         start = len(self._prefix) + 1
         with _redis_errors():
@@ -496,8 +531,8 @@ class RedisHotStore(HotStore):
             for agency_id in sorted(agencies):
                 pipe = self._redis.pipeline(transaction=True)
                 keys = stale[agency_id]
-                for i in range(0, len(keys), _DELETE_BATCH):
-                    pipe.unlink(*keys[i : i + _DELETE_BATCH])
+                for i in range(0, len(keys), _BATCH):
+                    pipe.unlink(*keys[i : i + _BATCH])
                 for owner, wallet in wallets:
                     if owner == agency_id:
                         key = self._wallet_key(agency_id, wallet.account_id, wallet.balance_type)
@@ -509,9 +544,13 @@ class RedisHotStore(HotStore):
                             pipe.sadd(self._live_key(agency_id), state.session_id)
                             if state.channel == 1:
                                 pipe.sadd(self._client_key(agency_id, state.client_id), state.session_id)
+                entry_ids = topups.get(agency_id, [])
+                for i in range(0, len(entry_ids), _BATCH):
+                    pipe.sadd(self._topups_key(agency_id), *entry_ids[i : i + _BATCH])
                 await pipe.execute()
             if agencies:
                 await self._redis.sadd(self._registry, *agencies)
+            await self._redis.set(self._marker, repr(time.time()))
         for _, wallet in wallets:
             self._anchors[wallet.account_id] = wallet.config.anchor_day
         for agency_id in agencies:
@@ -554,8 +593,8 @@ def _config_values(config: WalletConfig) -> list[int]:
     ]
 
 
-def _wallet_mapping(wallet: WalletState) -> dict[str, str | int]:
-    mapping: dict[str, str | int] = {"a": wallet.account_id, "bt": int(wallet.balance_type)}
+def _wallet_mapping(wallet: WalletState) -> dict[EncodableT, EncodableT]:
+    mapping: dict[EncodableT, EncodableT] = {"a": wallet.account_id, "bt": int(wallet.balance_type)}
     mapping.update(zip(_CONFIG_FIELDS, _config_values(wallet.config), strict=True))
     mapping.update(
         ps=wallet.period_start,
@@ -598,8 +637,8 @@ def _wallet_from(reply: Sequence[str], start: int) -> WalletState:
     )
 
 
-def _session_mapping(state: SessionState) -> dict[str, str | int]:
-    mapping: dict[str, str | int] = {
+def _session_mapping(state: SessionState) -> dict[EncodableT, EncodableT]:
+    mapping: dict[EncodableT, EncodableT] = {
         "id": state.session_id,
         "agency": state.agency_id,
         "client": state.client_id,

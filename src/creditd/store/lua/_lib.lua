@@ -5,10 +5,13 @@
 -- below apply the rules of creditd.domain.wallet.WalletState and
 -- creditd.domain.tariff.SliceTerms to the same fields, with the same integers.
 --
--- Numbers: Lua numbers are doubles. Every amount stays below 2^53 (see the MAX_*
--- ceilings of creditd.domain.money), so sums and products are exact; divisions are
--- done by idiv/cdiv, which correct the rounding of a / b. Numbers are stored and
--- returned as decimal integer strings written by fmt ('%d'), never by tostring.
+-- Numbers: Lua numbers are doubles, exact for integers below 2^53. Amounts and their
+-- sums stay far below it (see the MAX_* ceilings of creditd.domain.money). The two
+-- billing formulas, floor((headroom + carry) * 60 / rate) and ceil(rate * n / 60),
+-- multiply before they divide: muldiv_floor / muldiv_ceil split the numerator so that
+-- no intermediate value reaches 2^53, and idiv / cdiv correct the rounding of a / b.
+-- Numbers are stored and returned as decimal integer strings written by fmt ('%d'),
+-- never by tostring (which may print 1e+15).
 --
 -- Atomicity: a script first reads and checks everything (session, wallets, period
 -- bounds, declared keys) and computes the whole change in memory; it writes only at the
@@ -204,19 +207,35 @@ local function load_session(key)
   return s
 end
 
-local function save_session(key, s)
-  local fields = {
-    'id', s.id, 'agency', s.agency, 'client', s.client, 'ch', fmt(s.ch), 'dir', fmt(s.dir), 'prov', s.prov,
-    'st', s.st, 'gr', fmt(s.gr), 'exp', s.exp, 'bil', fmt(s.bil), 'cut', fmt(s.cut),
-    'rp', table.concat(s.payers, ','), 'cp', table.concat(s.charged_order, ','),
-  }
-  for _, account in ipairs(s.payers) do
-    fields[#fields + 1] = 'r:' .. account
-    fields[#fields + 1] = fmt(s.reserved[account])
+-- part: 'all' (a new session), 'reserve' (what reserving changes) or 'settle'.
+local function save_session(key, s, part)
+  local fields
+  if part == 'all' then
+    fields = {
+      'id', s.id, 'agency', s.agency, 'client', s.client, 'ch', fmt(s.ch), 'dir', fmt(s.dir), 'prov', s.prov,
+      'st', s.st, 'bil', fmt(s.bil), 'cut', fmt(s.cut), 'cp', table.concat(s.charged_order, ','),
+    }
+  else
+    fields = {}
   end
-  for _, account in ipairs(s.charged_order) do
-    fields[#fields + 1] = 'c:' .. account
-    fields[#fields + 1] = fmt(s.charged[account])
+  if part ~= 'settle' then
+    fields[#fields + 1] = 'gr'
+    fields[#fields + 1] = fmt(s.gr)
+    fields[#fields + 1] = 'exp'
+    fields[#fields + 1] = s.exp
+    fields[#fields + 1] = 'rp'
+    fields[#fields + 1] = table.concat(s.payers, ',')
+    for _, account in ipairs(s.payers) do
+      fields[#fields + 1] = 'r:' .. account
+      fields[#fields + 1] = fmt(s.reserved[account])
+    end
+  end
+  if part == 'settle' then
+    fields = {'st', s.st, 'bil', fmt(s.bil), 'cut', fmt(s.cut), 'cp', table.concat(s.charged_order, ',')}
+    for _, account in ipairs(s.charged_order) do
+      fields[#fields + 1] = 'c:' .. account
+      fields[#fields + 1] = fmt(s.charged[account])
+    end
   end
   redis.call('HSET', key, unpack(fields))
 end
@@ -247,28 +266,29 @@ local STATE_FIELDS = {'ps', 'pe', 'fr', 'pu', 'rs', 'us', 'rn', 'ln'}
 local WALLETS = {} -- key -> wallet, each loaded once per script
 local WALLET_ORDER = {}
 
-local function state_text(w)
-  local parts = {}
-  for i, field in ipairs(STATE_FIELDS) do
-    parts[i] = fmt(w[field])
-  end
-  return table.concat(parts, ' ')
-end
-
 local function load_wallet(key)
   local w = WALLETS[key]
   if w ~= nil then
     return w
   end
-  local raw = hgetall(key)
-  if raw == nil then
+  local raw = redis.call('HGETALL', key)
+  if #raw == 0 then
     return nil
   end
-  w = {key = key, a = raw.a}
-  for _, field in ipairs(WALLET_FIELDS) do
-    w[field] = tonumber(raw[field])
+  w = {key = key}
+  for i = 1, #raw, 2 do
+    local field = raw[i]
+    if field == 'a' then
+      w.a = raw[i + 1]
+    else
+      w[field] = tonumber(raw[i + 1])
+    end
   end
-  w.saved = state_text(w)
+  local saved = {}
+  for i, field in ipairs(STATE_FIELDS) do
+    saved[i] = w[field]
+  end
+  w.saved = saved -- the state as stored: commit writes the fields that differ
   WALLETS[key] = w
   WALLET_ORDER[#WALLET_ORDER + 1] = w
   return w
@@ -397,8 +417,8 @@ end
 
 -- WalletState.debit: (free, purchased) split, or nil when it would go beyond the wallet.
 local function debit(w, cost)
-  w.us = w.us + cost
   if w.hw ~= 1 then
+    w.us = w.us + cost
     return 0, 0
   end
   local from_free = math.min(w.fr, cost)
@@ -406,20 +426,24 @@ local function debit(w, cost)
   if from_purchased > w.pu then
     return nil
   end
+  w.us = w.us + cost
   w.fr = w.fr - from_free
   w.pu = w.pu - from_purchased
   return from_free, from_purchased
 end
 
--- Write every changed wallet and append the records to the outbox stream.
+-- Write the changed fields of every wallet and append the records to the outbox stream.
 local function commit(outbox)
   for _, w in ipairs(WALLET_ORDER) do
-    if state_text(w) ~= w.saved then
-      local fields = {}
-      for _, field in ipairs(STATE_FIELDS) do
+    local fields = nil
+    for i, field in ipairs(STATE_FIELDS) do
+      if w[field] ~= w.saved[i] then
+        fields = fields or {}
         fields[#fields + 1] = field
         fields[#fields + 1] = fmt(w[field])
       end
+    end
+    if fields ~= nil then
       redis.call('HSET', w.key, unpack(fields))
     end
   end

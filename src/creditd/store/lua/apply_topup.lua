@@ -1,5 +1,5 @@
--- apply_topup: credit a durable top-up entry once (a set of applied entry ids per wallet).
--- KEYS: wallet, applied entry ids, outbox.
+-- apply_topup: credit a durable top-up entry once (a set of applied entry ids per agency).
+-- KEYS: wallet, the agency's set of applied entry ids, outbox.
 -- ARGV: common, entry id, free micros, purchased micros.
 -- Reply: {'NOTFOUND'} | {'BOUNDS', account, anchor} | {'OK', wallet...}.
 local wallet_key, applied, outbox = KEYS[1], KEYS[2], KEYS[3]

@@ -2,14 +2,15 @@
 -- or none); the first reservation of a session opens it (after the concurrency check).
 -- KEYS: session, outbox, live sessions of the agency, the payers' wallets (in payer
 -- order), then, when opening, the client's set of open voice sessions.
--- ARGV: common, session id, agency id, want seconds, payer count, then per payer
--- (account, rate, carry, offset) (SliceTerms), then opening (0 | 1) and, when 1:
--- client, channel, direction, provider, max concurrent, expires at.
+-- ARGV: common, session id, agency id, want seconds, lease until (the session's
+-- expires_at once something is reserved), payer count, then per payer (account, rate,
+-- carry, offset) (SliceTerms), then opening (0 | 1) and, when 1: client, channel,
+-- direction, provider, max concurrent.
 -- Reply: {'CONC'} | {'NOTOPEN'} | {'NOTFOUND', account} | {'BOUNDS', account, anchor...}
 -- | {'OK', granted, total granted, headroom seconds | '', limited account | '',
 --    limited constraint | '', reserved count, account, micros...}.
 local session_key, outbox, live = KEYS[1], KEYS[2], KEYS[3]
-local session_id, agency_id, want = arg(), arg(), narg()
+local session_id, agency_id, want, lease_until = arg(), arg(), narg(), arg()
 local payers = {}
 for i = 1, narg() do
   payers[i] = {account = arg(), rate = narg(), carry = narg(), offset = narg(), key = KEYS[3 + i]}
@@ -17,7 +18,7 @@ end
 local opening = narg() == 1
 local open = nil
 if opening then
-  open = {client = arg(), ch = narg(), dir = narg(), prov = arg(), cap = narg(), exp = arg()}
+  open = {client = arg(), ch = narg(), dir = narg(), prov = arg(), cap = narg()}
   open.key = KEYS[4 + #payers]
 end
 
@@ -90,10 +91,12 @@ if seconds <= 0 then
   return map_reply(reply, s.payers, s.reserved)
 end
 
+local part = 'reserve'
 if s == nil then
+  part = 'all'
   s = {
     id = session_id, agency = agency_id, client = open.client, ch = open.ch, dir = open.dir, prov = open.prov,
-    st = 'open', gr = 0, exp = open.exp, bil = 0, cut = 0, payers = {}, reserved = {}, charged_order = {},
+    st = 'open', gr = 0, exp = lease_until, bil = 0, cut = 0, payers = {}, reserved = {}, charged_order = {},
     charged = {},
   }
 end
@@ -110,7 +113,8 @@ for i, payer in ipairs(payers) do
   alerts(w, before)
 end
 s.gr = granted + seconds
-save_session(session_key, s)
+s.exp = lease_until
+save_session(session_key, s, part)
 if opening then
   redis.call('SADD', live, session_id)
   if s.ch == 1 then

@@ -92,7 +92,7 @@ end
 s.st = 'settled'
 s.bil = billed
 s.cut = cutoff
-save_session(session_key, s)
+save_session(session_key, s, 'settle')
 if ttl > 0 then
   redis.call('EXPIRE', session_key, ttl)
 end
