@@ -116,9 +116,11 @@ class App:
         self.ctx = Context(settings, store, self.db, bus, self.clock)
         await self.ctx.bus.start()
         await self.ctx.catalog.load()
-        settled = await rebuild(self.ctx)
-        if settled:
-            log.warning("settled %d sessions left open by an earlier run", settled)
+        if await self.ctx.store.ping() is False:  # empty (a new process, or Redis lost its data)
+            async with self.ctx.store.rebuild_lock() as mine:
+                settled = await rebuild(self.ctx) if mine else 0
+            if settled:
+                log.warning("settled %d sessions left open by an earlier run", settled)
         self.flusher = Flusher(self.ctx)
         self.flusher.start()
         self.metering = Metering(self.ctx)

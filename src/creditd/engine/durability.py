@@ -75,6 +75,7 @@ async def rebuild(ctx: Context) -> int:
 
     Returns the number of sessions settled.
     """
+    await Flusher(ctx).flush()  # whatever the store still holds belongs in the totals
     now = ctx.now()
     db = ctx.db
     totals = await db.wallet_totals()

@@ -41,6 +41,8 @@ class EmbeddedHotStore(HotStore):
     def __init__(self) -> None:
         self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
         self._sessions: dict[str, SessionState] = {}
+        self._live: dict[str, set[str]] = {}  # client -> its open sessions
+        self._loaded = False
         self._sms: dict[str, SmsDebitResult] = {}
         self._topups: set[str] = set()
         self._outbox: OrderedDict[str, Record] = OrderedDict()
@@ -75,6 +77,10 @@ class EmbeddedHotStore(HotStore):
             updated_at=now,
             cutoff_reason=state.cutoff_reason,
         )
+
+    async def ping(self) -> bool:
+        """False until loaded: a new process starts empty and must be rebuilt first."""
+        return self._loaded
 
     # -- configuration and reads -------------------------------------------------------
 
@@ -113,11 +119,7 @@ class EmbeddedHotStore(HotStore):
             if state is not None:
                 return ReserveResult(0, state.granted_seconds, None, reserved=dict(state.reserved))
             cap = request.open.max_concurrent
-            live = sum(
-                1
-                for s in self._sessions.values()
-                if s.client_id == request.open.client_id and s.status == "open" and s.channel == 1
-            )
+            live = len(self._live.get(request.open.client_id, ()))
             if cap and live >= cap:
                 return ReserveResult(0, 0, None, concurrency_denied=True)
         elif state is None or state.status != "open":
@@ -167,10 +169,9 @@ class EmbeddedHotStore(HotStore):
                 reserved={},
                 expires_at=request.lease_until,
             )
-        state = replace(
-            state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until
-        )
+        state = replace(state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until)
         self._sessions[request.session_id] = state
+        self._live.setdefault(state.client_id, set()).add(state.session_id)
         self._emit([self._session_record(state, request.now)])
         return ReserveResult(seconds, state.granted_seconds, headroom_seconds, limited_by, reserved=reserved)
 
@@ -180,10 +181,17 @@ class EmbeddedHotStore(HotStore):
             raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
         if state.status == "settled":
             return SettleResult(state.billed_seconds, dict(state.charged), True, state.cutoff_reason)
+        # Every check before the first change, so a failure leaves everything as it was.
+        wallets = {
+            account_id: self._wallet(account_id, BalanceType.VOICE, request.now) for account_id in state.reserved
+        }
+        for account_id, reserved in state.reserved.items():
+            if reserved > wallets[account_id].reserved_micros:
+                raise FailedPrecondition("the reservation is not held", "RESERVATION_MISSING", account_id=account_id)
         charged: dict[str, int] = {}
         for account_id, reserved in state.reserved.items():
             cost = min(request.costs.get(account_id, 0), reserved)
-            wallet = self._wallet(account_id, BalanceType.VOICE, request.now)
+            wallet = wallets[account_id]
             before = wallet.alert_level()
             free, purchased = wallet.settle(reserved, cost)
             charged[account_id] = cost
@@ -199,6 +207,7 @@ class EmbeddedHotStore(HotStore):
             cutoff_reason=request.cutoff_reason,
         )
         self._sessions[request.session_id] = state
+        self._live.get(state.client_id, set()).discard(state.session_id)
         self._emit([self._session_record(state, request.now)])
         return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
 
@@ -252,6 +261,11 @@ class EmbeddedHotStore(HotStore):
     ) -> None:
         self._wallets = {(w.account_id, w.balance_type): w for _, w in wallets}
         self._sessions = {s.session_id: s for s in sessions}
+        self._live = {}
+        for state in sessions:
+            if state.status == "open":
+                self._live.setdefault(state.client_id, set()).add(state.session_id)
+        self._loaded = True
         self._sms.clear()
         self._topups = {entry_id for _, entry_id in applied_topups}
 

@@ -61,13 +61,14 @@ that one call unknown, which settle, debit_sms and apply_topup absorb by being i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import re
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from importlib import resources
@@ -107,6 +108,7 @@ from creditd.store.base import (
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
 DEFAULT_PREFIX = "creditd:"
 _ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
+REBUILD_LOCK_MS = 60_000  # longer than any rebuild; a dead holder frees it
 _BATCH = 500  # keys or members per command in load()
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -162,6 +164,7 @@ class RedisHotStore(HotStore):
         self._prefix = prefix
         self._registry = f"{prefix}agencies"
         self._marker = f"{prefix}loaded"
+        self._rebuild_lock = f"{prefix}rebuild-lock"
         self._settled_ttl = int(settled_ttl_seconds)
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = 0.0
@@ -258,6 +261,23 @@ class RedisHotStore(HotStore):
             await self._redis.ping()
             loaded: int = await self._redis.exists(self._marker)
         return bool(loaded)
+
+    @contextlib.asynccontextmanager
+    async def rebuild_lock(self) -> AsyncIterator[bool]:
+        """Only one replica rebuilds: two loads racing could reopen and settle a session twice.
+
+        The lock expires by itself if its holder dies mid-rebuild.
+        """
+        token = uuid.uuid4().hex
+        with _redis_errors():
+            mine = bool(await self._redis.set(self._rebuild_lock, token, nx=True, px=REBUILD_LOCK_MS))
+        try:
+            yield mine
+        finally:
+            if mine:
+                with contextlib.suppress(StoreUnavailable), _redis_errors():
+                    if await self._redis.get(self._rebuild_lock) == token:
+                        await self._redis.delete(self._rebuild_lock)
 
     async def configure_wallet(
         self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
