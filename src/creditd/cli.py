@@ -11,6 +11,7 @@ import sys
 from creditd import __version__
 from creditd.app import App, migrate
 from creditd.config import from_env
+from creditd.maintenance import run_rebuild, run_reconcile
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--slice-seconds", type=int, help="reservation slice (CREDITD_SLICE_SECONDS, default 60)")
     migrate_cmd = commands.add_parser("migrate", help="create or upgrade the database schema")
     migrate_cmd.add_argument("--database-url", help="SQLAlchemy URL (CREDITD_DATABASE_URL)")
+    for name, text in (
+        ("reconcile", "compare Redis with the ledger for every account; exit 1 on any difference"),
+        ("rebuild", "load Redis from the database (stop the replicas first)"),
+    ):
+        offline = commands.add_parser(name, help=text)
+        offline.add_argument("--database-url", help="SQLAlchemy URL (CREDITD_DATABASE_URL)")
+        offline.add_argument("--redis-url", help="Redis URL (CREDITD_REDIS_URL)")
     return parser
 
 
@@ -64,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = from_env(database_url=args.database_url)
         asyncio.run(migrate(settings.database_url))
         print(f"database schema is up to date: {settings.database_url}")
+    elif args.command in ("reconcile", "rebuild"):
+        settings = from_env(database_url=args.database_url, redis_url=args.redis_url)
+        command = run_reconcile if args.command == "reconcile" else run_rebuild
+        sys.exit(asyncio.run(command(settings)))
     else:  # pragma: no cover - argparse rejects it
         sys.exit(2)
 
