@@ -13,12 +13,12 @@ from creditd.domain.accounts import (
     BalanceSettings,
     BillingMode,
     Direction,
+    Parties,
     Plan,
-    payers,
 )
 from creditd.domain.money import voice_cost
 from creditd.domain.rates import PLATFORM_RATES, RateCard
-from creditd.domain.records import BalanceType, EntryKind, LedgerRecord
+from creditd.domain.records import BalanceType, DenyReason, EntryKind, LedgerRecord
 from creditd.domain.wallet import Constraint, RefillSettings, new_wallet
 
 CREDIT = 1_000_000
@@ -175,22 +175,26 @@ def test_plan_free_micros_per_balance_type() -> None:
 
 
 def test_rebilling_client_pays_plan_rates_and_the_agency_pays_platform_rates() -> None:
-    the_agency, the_client = agency(), client(BillingMode.REBILLING)
-    client_payer, agency_payer = payers(the_client, PLAN, the_agency, PLATFORM_RATES)
-    assert (client_payer.account_id, client_payer.is_agency) == ("client", False)
-    assert (agency_payer.account_id, agency_payer.is_agency) == ("agency", True)
+    party = Parties(client(BillingMode.REBILLING), agency(), PLAN, PLATFORM_RATES)
     # A 60-second elevenlabs call: 1.5 credits from the client, 1 credit from the agency.
-    assert voice_cost(client_payer.rates.voice_rate("ElevenLabs"), 60) == 1_500_000
-    assert voice_cost(agency_payer.rates.voice_rate("ElevenLabs"), 60) == 1_000_000
-    assert client_payer.rates.sms_rate("gb") == 400_000
-    assert agency_payer.rates.sms_rate("gb") == 166_000
+    rates = party.voice_rates("ElevenLabs")
+    assert {a: voice_cost(r, 60) for a, r in rates.items()} == {"client": 1_500_000, "agency": 1_000_000}
+    assert party.sms_costs("gb", 2) == {"client": 800_000, "agency": 332_000}
 
 
 def test_an_agency_with_its_own_platform_price_pays_that_price() -> None:
     special = RateCard(voice={"elevenlabs": 900_000}, default_voice=800_000)
-    _, agency_payer = payers(client(BillingMode.AGENCY_PAID), PLAN, agency(platform_rates=special), PLATFORM_RATES)
-    assert agency_payer.rates.voice_rate("elevenlabs") == 900_000
-    assert agency_payer.rates.voice_rate("deepgram") == 800_000
+    party = Parties(client(BillingMode.AGENCY_PAID), agency(platform_rates=special), PLAN, special)
+    assert party.voice_rates("elevenlabs")["agency"] == 900_000
+    assert party.voice_rates("deepgram")["agency"] == 800_000
+
+
+def test_deny_reasons_name_the_payer_and_the_rule() -> None:
+    party = Parties(client(BillingMode.REBILLING), agency(), PLAN, PLATFORM_RATES)
+    assert party.deny_reason(("client", Constraint.WALLET)) is DenyReason.CLIENT_CREDITS_EXHAUSTED
+    assert party.deny_reason(("agency", Constraint.WALLET)) is DenyReason.AGENCY_CREDITS_EXHAUSTED
+    assert party.deny_reason(("client", Constraint.LIMIT)) is DenyReason.USAGE_LIMIT_REACHED
+    assert party.deny_reason(None) is DenyReason.NONE
 
 
 def test_account_kinds() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from creditd.domain.money import sms_cost
 from creditd.domain.rates import PLATFORM_FREE_SMS_MICROS, PLATFORM_FREE_VOICE_MICROS, RateCard
-from creditd.domain.records import BalanceType
-from creditd.domain.wallet import RefillSettings, WalletConfig
+from creditd.domain.records import BalanceType, DenyReason
+from creditd.domain.wallet import Constraint, RefillSettings, WalletConfig
 
 
 class AccountKind(enum.IntEnum):
@@ -109,21 +110,42 @@ class Account:
 
 
 @dataclass(frozen=True)
-class PayerPrice:
-    """One payer of a client's usage, and the price list it pays by."""
+class Parties:
+    client: Account
+    agency: Account
+    plan: Plan
+    platform_rates: RateCard
 
-    account_id: str
-    is_agency: bool
-    rates: RateCard
+    @property
+    def agency_id(self) -> str:
+        return self.agency.account_id
 
+    def subscription_active(self, direction: Direction) -> bool:
+        return self.client.subscription_active(direction) and self.agency.subscription_active(direction)
 
-def payers(client: Account, plan: Plan, agency: Account, platform_rates: RateCard) -> list[PayerPrice]:
-    """Who pays for a client's usage: the client at its plan's prices (REBILLING), or only the
-    client's usage limit (AGENCY_PAID, no wallet), and always the agency at platform prices."""
-    return [
-        PayerPrice(client.account_id, False, plan.rates),
-        PayerPrice(agency.account_id, True, agency.platform_rates or platform_rates),
-    ]
+    def voice_rates(self, provider: str) -> dict[str, int]:
+        """Micro-credits per minute for each payer: the client at its plan's price, the agency
+        at the platform's."""
+        return {
+            self.client.account_id: self.plan.rates.voice_rate(provider),
+            self.agency.account_id: self.platform_rates.voice_rate(provider),
+        }
+
+    def sms_costs(self, country: str, segments: int) -> dict[str, int]:
+        return {
+            self.client.account_id: sms_cost(self.plan.rates.sms_rate(country), segments),
+            self.agency.account_id: sms_cost(self.platform_rates.sms_rate(country), segments),
+        }
+
+    def deny_reason(self, limited_by: tuple[str, Constraint] | None) -> DenyReason:
+        if limited_by is None:
+            return DenyReason.NONE
+        account_id, constraint = limited_by
+        if constraint is Constraint.LIMIT:
+            return DenyReason.USAGE_LIMIT_REACHED
+        if account_id == self.agency.account_id:
+            return DenyReason.AGENCY_CREDITS_EXHAUSTED
+        return DenyReason.CLIENT_CREDITS_EXHAUSTED
 
 
 class Role(enum.IntEnum):

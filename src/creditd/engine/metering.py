@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from creditd.domain.accounts import Channel, Direction
+from creditd.domain.accounts import Channel, Direction, Parties
 from creditd.domain.money import MAX_SEGMENTS, MAX_SESSION_SECONDS
 from creditd.domain.records import BalanceType, DenyReason
 from creditd.domain.tariff import Tariff
@@ -25,7 +25,7 @@ from creditd.engine.messages import (
     SummaryMsg,
     Usage,
 )
-from creditd.engine.pricing import Parties, parties
+from creditd.engine.pricing import parties
 from creditd.engine.voice import VoiceRun
 from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
 from creditd.store.base import (

@@ -182,16 +182,16 @@ class EmbeddedHotStore(HotStore):
         if state.status == "settled":
             return SettleResult(state.billed_seconds, dict(state.charged), True, state.cutoff_reason)
         # Every check before the first change, so a failure leaves everything as it was.
-        wallets = {
-            account_id: self._wallet(account_id, BalanceType.VOICE, request.now) for account_id in state.reserved
-        }
         for account_id, reserved in state.reserved.items():
-            if reserved > wallets[account_id].reserved_micros:
+            held = self._wallets.get((account_id, BalanceType.VOICE))
+            if held is None:
+                raise NotFound(f"no voice wallet for {account_id}", account_id=account_id)
+            if reserved > held.reserved_micros:
                 raise FailedPrecondition("the reservation is not held", "RESERVATION_MISSING", account_id=account_id)
         charged: dict[str, int] = {}
         for account_id, reserved in state.reserved.items():
             cost = min(request.costs.get(account_id, 0), reserved)
-            wallet = wallets[account_id]
+            wallet = self._wallet(account_id, BalanceType.VOICE, request.now)
             before = wallet.alert_level()
             free, purchased = wallet.settle(reserved, cost)
             charged[account_id] = cost
@@ -235,8 +235,8 @@ class EmbeddedHotStore(HotStore):
         wallet = self._wallet(entry.account_id, entry.balance_type, now)
         if entry.entry_id not in self._topups:
             self._topups.add(entry.entry_id)
-            wallet.free_micros += entry.free_micros
-            wallet.purchased_micros += entry.purchased_micros
+            wallet.credit(entry.free_micros, to_free=True)
+            wallet.credit(entry.purchased_micros, to_free=False)
             if (wallet.limit_available() or 0) > 0:
                 wallet.limit_notified = False
         return copy.copy(wallet)
