@@ -218,6 +218,11 @@ async def test_83_free_sms_credits_pay_for_exactly_500_us_segments(api: Api) -> 
     cutoff = await call.read()
     assert cutoff.cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
     assert (await api.balance("a1")).sms.free_micros == 0
+    events = await api.ledger.ListEvents(ledger_pb2.ListEventsRequest(account_id="c1"), metadata=api.metadata)
+    cutoffs = [e for e in events.events if e.type == ledger_pb2.EVENT_TYPE_CUTOFF]
+    assert [(e.balance_type, e.reason, e.attributes["message_id"]) for e in cutoffs] == [
+        (common_pb2.BALANCE_TYPE_SMS, common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED, "m500")
+    ]
 
 
 async def test_sms_prices_depend_on_the_destination_country(api: Api) -> None:

@@ -8,7 +8,7 @@ import logging
 
 from creditd.domain.accounts import Channel, Direction, Parties
 from creditd.domain.money import MAX_SEGMENTS, MAX_SESSION_SECONDS
-from creditd.domain.records import BalanceType, DenyReason
+from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, new_id
 from creditd.domain.tariff import Tariff
 from creditd.engine import validation
 from creditd.engine.context import Context
@@ -418,6 +418,18 @@ class UsageStream:
             self.sms.denied += 1
             self.out.put_nowait(SmsResultMsg(message_id, False, int(reason), 0))
         self._finish(CutoffMsg(int(reason), 0))
+        event = EventRecord(
+            event_id=new_id(),
+            account_id=self.sms.client_id,
+            type=EventType.CUTOFF,
+            balance_type=BalanceType.SMS,
+            created_at=self.ctx.now(),
+            session_id=self.sms.session_id,
+            reason=int(reason),
+            attributes={"message_id": message_id} if message_id else {},
+        )
+        with contextlib.suppress(CreditdError):  # the stream is cut either way
+            await self.ctx.store.append_records(self.sms.agency_id, [event])
 
     async def _end(self, end: End) -> None:
         _require_seconds(end.seconds_used)
