@@ -1068,3 +1068,16 @@ async def test_both_stores_behave_the_same(
             event(_outcome(name, results[0]))
             for record in outboxes[0]:
                 event(_record_kind(record))
+
+
+async def test_embedded_store_forgets_finished_sessions_and_messages_after_the_retention() -> None:
+    store = EmbeddedHotStore(retention_seconds=60)
+    await store.load([], [])
+    await wallet(store, "ag", purchased=5 * C)
+    assert (await reserve(store, "s1", 60, {"ag": terms(C)}, open_as=opening())).granted_seconds == 60
+    await store.settle(SettleRequest("s1", AGENCY, 60, {"ag": C}, T0))
+    assert (await store.session(AGENCY, "s1")) is not None  # still answers retries
+    assert (await reserve(store, "s2", 60, {"ag": terms(C)}, open_as=opening())).granted_seconds == 60
+    await store.settle(SettleRequest("s2", AGENCY, 60, {"ag": C}, T0 + 61))
+    assert await store.session(AGENCY, "s1") is None  # past the retention
+    assert await store.session(AGENCY, "s2") is not None

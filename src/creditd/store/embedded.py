@@ -37,8 +37,14 @@ from creditd.store.base import (
 )
 
 
+# Settled sessions and SMS results are kept this long for idempotent retries, then dropped.
+RETENTION_SECONDS = 24 * 3600
+
+
 class EmbeddedHotStore(HotStore):
-    def __init__(self) -> None:
+    def __init__(self, retention_seconds: float = RETENTION_SECONDS) -> None:
+        self._retention = retention_seconds
+        self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()  # (kind, id) -> when
         self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
         self._sessions: dict[str, SessionState] = {}
         self._live: dict[str, set[str]] = {}  # client -> its open sessions
@@ -81,6 +87,19 @@ class EmbeddedHotStore(HotStore):
     async def ping(self) -> bool:
         """False until loaded: a new process starts empty and must be rebuilt first."""
         return self._loaded
+
+    def _retire(self, kind: str, key: str, now: float) -> None:
+        """Remember a finished session or message for the retention period; forget older ones."""
+        self._finished[(kind, key)] = now
+        while self._finished:
+            (old_kind, old_key), when = next(iter(self._finished.items()))
+            if now - when < self._retention:
+                break
+            self._finished.popitem(last=False)
+            if old_kind == "sms":
+                self._sms.pop(old_key, None)
+            else:
+                self._sessions.pop(old_key, None)
 
     # -- configuration and reads -------------------------------------------------------
 
@@ -208,6 +227,7 @@ class EmbeddedHotStore(HotStore):
         )
         self._sessions[request.session_id] = state
         self._live.get(state.client_id, set()).discard(state.session_id)
+        self._retire("session", state.session_id, request.now)
         self._emit([self._session_record(state, request.now)])
         return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
 
@@ -229,6 +249,7 @@ class EmbeddedHotStore(HotStore):
             self._emit(wallet.alerts(before, request.now))
         result = SmsDebitResult(True, dict(request.costs))
         self._sms[request.message_id] = result
+        self._retire("sms", request.message_id, request.now)
         return result
 
     async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
