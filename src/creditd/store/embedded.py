@@ -36,7 +36,6 @@ from creditd.store.base import (
     SmsDebitResult,
 )
 
-
 # Settled sessions and SMS results are kept this long for idempotent retries, then dropped.
 RETENTION_SECONDS = 24 * 3600
 
