@@ -84,10 +84,10 @@ class Metering:
         if channel is Channel.SMS:
             return await self._authorize_sms(party, direction, country, quantity)
         validation.require_text(session_id, "session_id")
-        existing = await self.ctx.store.session(party.agency_id, session_id)
-        if existing is not None:
-            return await self._repeat(existing, party, direction, provider)
         if not party.subscription_active(direction):
+            existing = await self.ctx.store.session(party.agency_id, session_id)
+            if existing is not None:  # a retry of an authorization given before the change
+                return await self._repeat(existing, party, direction, provider)
             return AuthorizeResult(False, DenyReason.SUBSCRIPTION_INACTIVE)
         tariffs = {}
         for account_id, rate in party.voice_rates(provider).items():
@@ -113,11 +113,15 @@ class Metering:
                 ),
             )
         )
+        if result.granted_seconds <= 0 and result.total_granted_seconds > 0:
+            # The session exists: a retry (the store reserved nothing more). One round trip
+            # serves a new Authorize; only a retry pays for a second one.
+            existing = await self.ctx.store.session(party.agency_id, session_id)
+            if existing is not None:
+                return await self._repeat(existing, party, direction, provider)
         if result.concurrency_denied:
             return AuthorizeResult(False, DenyReason.CONCURRENCY_LIMIT_REACHED)
         if result.granted_seconds <= 0:
-            if result.total_granted_seconds > 0:  # a concurrent Authorize with the same id won
-                return await self.authorize(session_id, client_id, channel, direction, provider, country, quantity)
             await self.ctx.bus.publish("events")
             return AuthorizeResult(False, party.deny_reason(result.limited_by))
         self.runs[session_id] = VoiceRun(
