@@ -1,4 +1,11 @@
-"""Assembly of one creditd replica: stores, engine and gRPC server, started and stopped in order."""
+"""Assembly of one creditd replica: stores, engine and gRPC server, started and stopped in order.
+
+Health (grpc.health.v1): the service "" is liveness: SERVING from start until the process
+stops, whatever the stores do, so that an orchestrator never restarts a replica because
+Redis or Postgres is away (a restart would not bring them back). Each creditd.v1 service
+name is readiness: NOT_SERVING while the hot store or the database cannot be reached and
+while the replica drains for shutdown, SERVING again when they answer.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
+from creditd import logs
 from creditd.api.auth import Authenticator
 from creditd.api.servicers import AccountServicer, LedgerServicer, MeteringServicer
 from creditd.config import Settings
@@ -31,6 +39,7 @@ from creditd.store.base import HotStore
 from creditd.store.embedded import EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus
+from creditd.telemetry import Telemetry
 from creditd.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -80,10 +89,25 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Clients may ping no more often than this; a client that does gets GOAWAY
+        # (too_many_pings) after max_ping_strikes pings.
         ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_seconds * 1000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.keepalive_min_seconds * 1000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 1),
+        # The server pings its peers too: a caller that vanished without closing its
+        # connection (a dead host, a cut network) is found within time + timeout, and its
+        # usage stream ends like a dropped one instead of renewing slices forever.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),  # what gRPC >= 1.6x reads
+        ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -102,17 +126,22 @@ class App:
         self.settings = settings
         self.clock = clock
         self.admin_token = settings.admin_token or f"cdk_bootstrap_{secrets.token_urlsafe(24).replace('_', '-')}"
+        logs.add_secret(self.admin_token)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.health = health.aio.HealthServicer()
+        self.telemetry = Telemetry(settings)
 
     async def start(self) -> None:
         settings = self.settings
+        self.telemetry.start()
         if is_sqlite(settings.database_url):
             await migrate(settings.database_url)
         self.db = Database(settings.database_url)
+        self.telemetry.instrument_database(self.db, make_url(settings.database_url).get_backend_name())
         await self.db.ping()
         store, bus = make_store(settings)
+        self.telemetry.instrument_store(store, "redis" if settings.redis_url else "embedded")
         self.ctx = Context(settings, store, self.db, bus, self.clock)
         await self.ctx.bus.start()
         await self.ctx.catalog.load()
@@ -126,7 +155,14 @@ class App:
         self.metering = Metering(self.ctx)
         await self.metering.start()
         self.auth = Authenticator(self.ctx, self.admin_token)
+        await self.auth.start()
         self.ctx.status.lag = self.flusher.lag_seconds
+        metering = self.metering
+        self.telemetry.observe(
+            lambda: (("voice", len(metering.runs)), ("sms", len(metering.sms_streams))),
+            self.flusher.lag_seconds,
+            self.ctx.status,
+        )
         self.monitor = Monitor(
             self.ctx.status,
             self.ctx.store.ping,
@@ -136,9 +172,9 @@ class App:
         )
         self.monitor.start()
 
-        server = grpc.aio.server(options=server_options(settings))
+        server = grpc.aio.server(options=server_options(settings), interceptors=[self.telemetry.interceptor()])
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(
-            MeteringServicer(self.ctx, self.auth, self.metering), server
+            MeteringServicer(self.ctx, self.auth, self.metering, self.telemetry), server
         )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
             LedgerServicer(self.ctx, self.auth, Ledger(self.ctx, self.flusher.flush)), server
@@ -157,6 +193,8 @@ class App:
         )
         credentials = server_credentials(settings)
         if credentials is None:
+            if not _loopback(settings.listen):
+                log.warning("serving plaintext gRPC on %s: API keys cross the network unencrypted", settings.listen)
             self.port = server.add_insecure_port(settings.listen)
         else:
             self.port = server.add_secure_port(settings.listen, credentials)
@@ -164,18 +202,35 @@ class App:
             raise SystemExit(f"cannot listen on {settings.listen}")
         await server.start()
         self.server = server
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # liveness
+        await self._set_readiness(self.ctx.status.serving)
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the Prometheus endpoint ("" when there is none)."""
+        return self.telemetry.metrics_address
 
     @property
     def address(self) -> str:
         host = self.settings.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    async def _serving_changed(self, serving: bool) -> None:
+    async def _set_readiness(self, serving: bool) -> None:
+        """Readiness follows the stores and the drain; liveness ("") is left alone."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in SERVICE_NAMES:
             await self.health.set(name, status)
+
+    async def _serving_changed(self, serving: bool) -> None:
+        await self._set_readiness(serving)
+        if serving:
+            log.warning("ready again: both stores answer")
+        elif not self.ctx.status.draining:
+            log.warning(
+                "not ready: hot store %s, database %s",
+                "up" if self.ctx.status.store_ok else "down",
+                "up" if self.ctx.status.db_ok else "down",
+            )
 
     async def _rebuild_lost_store(self) -> None:
         """The hot store lost its data: its live calls are gone with it. One replica rebuilds
@@ -190,19 +245,34 @@ class App:
         while await self.ctx.store.ping() is False:  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.2)
 
-    async def drain(self) -> None:
-        """Stop taking sessions, let live calls end for `drain_seconds`, then cut and settle them."""
+    async def drain(self, seconds: float | None = None) -> None:
+        """Stop taking sessions, let live calls end for `seconds` (`drain_seconds`), then cut
+        and settle them. Calling it again with a shorter time cuts them sooner."""
         self.ctx.status.draining = True
-        await self._serving_changed(False)
-        await self.metering.drain(asyncio.get_running_loop().time() + self.settings.drain_seconds)
+        await self._set_readiness(False)
+        wait = self.settings.drain_seconds if seconds is None else seconds
+        await self.metering.drain(asyncio.get_running_loop().time() + wait)
+
+    async def _close_monitor(self) -> None:
+        """Monitor.close(), and cancel again if the first cancellation was swallowed: on
+        Python 3.11 `asyncio.wait_for` drops a cancellation that arrives as its inner
+        operation (a database ping) completes, and the monitor would then run forever."""
+        closing = asyncio.ensure_future(self.monitor.close())
+        while not (await asyncio.wait({closing}, timeout=0.5))[0]:
+            task: asyncio.Task[None] | None = getattr(self.monitor, "_task", None)
+            if task is not None:
+                task.cancel()
+        await closing
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self.monitor.close()
+        await self._close_monitor()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        await self.auth.close()
         await self.metering.close()
         await self.flusher.close()
         await self.ctx.store.close()
         await self.ctx.bus.close()
         await self.db.close()
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP: never block the loop on it

@@ -44,6 +44,13 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     max_concurrent_streams: int = 256  # per connection
     keepalive_min_seconds: int = 10  # clients pinging more often are disconnected
+    keepalive_time_seconds: float = 30.0  # ping an idle connection this often to find dead peers
+    keepalive_timeout_seconds: float = 10.0  # ... and close it when the ping is not answered in time
+    # Telemetry and logs
+    metrics_listen: str = ""  # host:port of the Prometheus scrape endpoint; empty: none
+    otlp_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT: export traces and metrics over OTLP/gRPC
+    log_level: str = "info"
+    log_format: str = "json"  # or "text"
     # Write-behind of usage to the database
     flush_interval_seconds: float = 0.2
     flush_batch: int = 500
@@ -65,6 +72,26 @@ class Settings:
             raise ValueError("CREDITD_TLS_CERT and CREDITD_TLS_KEY go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("CREDITD_TLS_CLIENT_CA needs CREDITD_TLS_CERT and CREDITD_TLS_KEY")
+        if self.max_message_bytes < 1024:
+            raise ValueError("CREDITD_MAX_MESSAGE_BYTES must be at least 1024")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("CREDITD_MAX_CONCURRENT_STREAMS must be at least 1")
+        if self.keepalive_min_seconds < 0 or min(self.keepalive_time_seconds, self.keepalive_timeout_seconds) <= 0:
+            raise ValueError("keepalive times must be positive")
+        if self.metrics_listen:
+            host_port(self.metrics_listen, "CREDITD_METRICS_LISTEN")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("CREDITD_LOG_LEVEL must be debug, info, warning, error or critical")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("CREDITD_LOG_FORMAT must be json or text")
+
+
+def host_port(address: str, variable: str) -> tuple[str, int]:
+    """Split "host:port" ("[::1]:9464" for IPv6); raises ValueError naming `variable`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{variable} must be host:port, e.g. 127.0.0.1:9464")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 _ENV = {
@@ -86,6 +113,12 @@ _ENV = {
     "max_message_bytes": ("CREDITD_MAX_MESSAGE_BYTES", int),
     "max_concurrent_streams": ("CREDITD_MAX_CONCURRENT_STREAMS", int),
     "keepalive_min_seconds": ("CREDITD_KEEPALIVE_MIN_SECONDS", int),
+    "keepalive_time_seconds": ("CREDITD_KEEPALIVE_TIME_SECONDS", float),
+    "keepalive_timeout_seconds": ("CREDITD_KEEPALIVE_TIMEOUT_SECONDS", float),
+    "metrics_listen": ("CREDITD_METRICS_LISTEN", str),
+    "otlp_endpoint": ("OTEL_EXPORTER_OTLP_ENDPOINT", str),
+    "log_level": ("CREDITD_LOG_LEVEL", str),
+    "log_format": ("CREDITD_LOG_FORMAT", str),
     "platform_free_voice_micros": ("CREDITD_PLATFORM_FREE_VOICE_MICROS", int),
     "platform_free_sms_micros": ("CREDITD_PLATFORM_FREE_SMS_MICROS", int),
 }

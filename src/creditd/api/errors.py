@@ -13,12 +13,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
 
-from creditd.errors import CreditdError
+from creditd.errors import CreditdError, InvalidArgument
 from creditd.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 DOMAIN = "creditd"
 T = TypeVar("T")
+
+
+class MalformedRequest(InvalidArgument):
+    """The bytes of a request are not a valid protobuf message of the method's type."""
+
+    reason = "MALFORMED_REQUEST"
 
 
 def to_status(error: CreditdError) -> grpc.Status:

@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from creditd import logs
 from creditd.api import convert
 from creditd.api.auth import Action, Authenticator
 from creditd.api.errors import abort, streaming, unary
@@ -19,9 +20,10 @@ from creditd.engine import validation
 from creditd.engine.accounts import Accounts
 from creditd.engine.context import Context
 from creditd.engine.ledger import Ledger
-from creditd.engine.messages import TERMINAL
+from creditd.engine.messages import TERMINAL, CutoffMsg
 from creditd.engine.metering import Metering
-from creditd.errors import CreditdError, InvalidArgument
+from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
+from creditd.telemetry import Telemetry, deny_reason_name
 from creditd.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -32,6 +34,7 @@ from creditd.v1 import (
 )
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+_CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -50,16 +53,41 @@ def _page_size(value: int) -> int:
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
-    def __init__(self, ctx: Context, auth: Authenticator, metering: Metering) -> None:
-        self.ctx, self.auth, self.metering = ctx, auth, metering
+    def __init__(
+        self, ctx: Context, auth: Authenticator, metering: Metering, telemetry: Telemetry | None = None
+    ) -> None:
+        self.ctx, self.auth, self.metering, self.telemetry = ctx, auth, metering, telemetry
 
     @unary
     async def Authorize(self, request: metering_pb2.AuthorizeRequest, context: Ctx) -> metering_pb2.AuthorizeResponse:
+        try:
+            response = await self._authorize(request, context)
+        except Exception as exc:
+            if self.telemetry is not None:
+                reason = exc.reason if isinstance(exc, CreditdError) else "INTERNAL"
+                self.telemetry.authorization(_CHANNELS.get(request.channel, "invalid"), "error", reason.lower())
+            raise
+        if self.telemetry is not None:
+            self.telemetry.authorization(
+                _CHANNELS.get(request.channel, "invalid"),
+                "allowed" if response.allowed else "denied",
+                _deny_reason_label(response.deny_reason),
+            )
+        return response
+
+    async def _authorize(self, request: metering_pb2.AuthorizeRequest, context: Ctx) -> metering_pb2.AuthorizeResponse:
         principal = await self.auth.principal(context)
         channel = _enum(request.channel, Channel, "channel", "CHANNEL_VOICE or CHANNEL_SMS")
         direction = _enum(request.direction, Direction, "direction", "DIRECTION_INBOUND or DIRECTION_OUTBOUND")
         validation.require_id(request.client_id, "client_id")
         principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
+        run = self.metering.runs.get(request.session_id)
+        if run is not None and run.client_id != request.client_id:
+            # Live sessions of this replica are found by session_id alone: another tenant's
+            # call with the same id must neither replace nor reach it.
+            raise FailedPrecondition(
+                "session_id was already used for another session", "SESSION_ID_REUSED", session_id=request.session_id
+            )
         provider = request.provider.strip().lower()
         if provider:
             validation.voice_rates({provider: 0}, "provider")
@@ -98,7 +126,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     request = convert.stream_request(message)
                     if hasattr(request, "client_id"):
                         principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
+                        if logs.session_id.get() is None:
+                            logs.session_id.set(str(getattr(request, "session_id", ""))[:64] or None)
                     await stream.handle(request)
+                if not stream.finished:
+                    # The caller closed its side without SessionEnd: nothing more will come,
+                    # so end the call rather than hold it open (a voice session stays
+                    # resumable for the grace period).
+                    started = stream.voice is not None or stream.sms is not None
+                    stream.out.put_nowait(
+                        FailedPrecondition(
+                            "the stream was closed without SessionEnd",
+                            "STREAM_NOT_ENDED" if started else "STREAM_NOT_STARTED",
+                        )
+                    )
             except CreditdError as exc:
                 stream.out.put_nowait(exc)
             except Exception as exc:  # the caller went away or sent garbage
@@ -114,6 +155,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 if isinstance(item, Exception):
                     await abort(context, item)
                     return
+                if isinstance(item, CutoffMsg) and stream.sms is not None and self.telemetry is not None:
+                    self.telemetry.cutoff("sms", item.reason)  # voice cutoffs are counted when settled
                 yield convert.stream_response(item)
                 if isinstance(item, TERMINAL):
                     return
@@ -160,8 +203,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def WatchBalance(
         self, request: ledger_pb2.WatchBalanceRequest, context: Ctx
     ) -> AsyncIterator[ledger_pb2.WatchBalanceResponse]:
+        # Every read checks the key and its scope again (in _balances); a revocation wakes
+        # the watch too, so a revoked key's watch ends at once.
         channel = f"balance:{request.account_id}"
-        async with self.ctx.bus.subscribe(lambda c: c == channel) as changes:
+        async with self.ctx.bus.subscribe(lambda c: c == channel or c.startswith("apikey:")) as changes:
             last = None
             while True:
                 current = await self._balances(request.account_id, context)
@@ -206,13 +251,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         principal = await self.auth.principal(context)
         validation.require_id(request.account_id, "account_id")
         principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
-        async with self.ctx.bus.subscribe(lambda c: c == "events") as changes:
+        async with self.ctx.bus.subscribe(lambda c: c == "events" or c.startswith("apikey:")) as changes:
             _, seq = await self.ctx.db.events_after([request.account_id], -1)
             while True:
                 events, seq = await self.ctx.db.events_after([request.account_id], seq)
                 for item in events:
                     yield ledger_pb2.WatchEventsResponse(event=convert.event(item))
                 await changes.get()
+                # The key may have been revoked since: a watch lasts only as long as its key.
+                await self.auth.principal(context)
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
@@ -316,18 +363,19 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         principal.require(Action.MANAGE, agency_id=client.agency_id)
         return account_pb2.CreateClientResponse(account=convert.account(await self.accounts.create_client(client)))
 
-    async def _managed(self, account_id: str, context: Ctx) -> Account:
+    async def _managed(self, account_id: str, context: Ctx, agency_action: Action = Action.MANAGE) -> Account:
         principal = await self.auth.principal(context)
         validation.require_id(account_id, "account_id")
         account = await self.ctx.catalog.account(account_id)
-        principal.require(Action.MANAGE, account)
+        principal.require(agency_action if account.is_agency else Action.MANAGE, account)
         return account
 
     @unary
     async def UpdateSubscription(
         self, request: account_pb2.UpdateSubscriptionRequest, context: Ctx
     ) -> account_pb2.UpdateSubscriptionResponse:
-        await self._managed(request.account_id, context)
+        # An agency's subscriptions are its contract with the platform: only the platform changes them.
+        await self._managed(request.account_id, context, agency_action=Action.PLATFORM)
         account = await self.accounts.update_subscription(
             request.account_id,
             request.inbound_active if request.HasField("inbound_active") else None,
@@ -422,6 +470,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             principal.require(Action.MANAGE, await self.ctx.catalog.account(account_id))
         keys = await self.accounts.list_api_keys(account_id)
         return account_pb2.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in keys])
+
+
+def _deny_reason_label(value: int) -> str:
+    return deny_reason_name(value) if value else "none"
 
 
 def _count(value: int, field: str) -> int:

@@ -20,9 +20,10 @@ from creditd.domain.periods import period_bounds_epoch
 from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
-from creditd.store.base import SessionState, SettleRequest
+from creditd.store.base import SessionState, SettleRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
+REBUILD_READ_ATTEMPTS = 10
 
 
 class Flusher:
@@ -78,8 +79,18 @@ async def rebuild(ctx: Context) -> int:
     await Flusher(ctx).flush()  # whatever the store still holds belongs in the totals
     now = ctx.now()
     db = ctx.db
-    totals = await db.wallet_totals()
-    open_sessions = await db.open_sessions()
+    # Top-ups commit to the database while this runs (on other replicas, or before this one
+    # noticed): the totals and the set of applied top-up ids must describe the same
+    # top-ups, or a top-up counted in one and not the other is lost or credited twice. They
+    # are separate reads, so read them again until no top-up committed in between.
+    for _ in range(REBUILD_READ_ATTEMPTS):
+        topup_ids = await db.topup_entry_ids()
+        totals = await db.wallet_totals()
+        open_sessions = await db.open_sessions()
+        if set(await db.topup_entry_ids()) == set(topup_ids):
+            break
+    else:
+        raise StoreUnavailable("top-ups keep committing during the rebuild; try again", state="rebuilding")
     reserved: dict[str, int] = {}
     for record in open_sessions:
         for account_id, micros in record.reserved.items():
@@ -105,7 +116,7 @@ async def rebuild(ctx: Context) -> int:
         for r in open_sessions
     ]
     agency_of = {account_id: agency_id for agency_id, account_id in ((a, w.account_id) for a, w in wallets)}
-    applied = [(agency_of.get(account_id, ""), entry_id) for account_id, entry_id in await db.topup_entry_ids()]
+    applied = [(agency_of.get(account_id, ""), entry_id) for account_id, entry_id in topup_ids]
     await ctx.store.load(wallets, sessions, applied)
     for session in sessions:
         # Nobody can prove how much of the grant was used: bill all of it, which is

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from creditd.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
+SLOW_PINGS = 3  # unanswered pings in a row that make a store count as unavailable
 
 
 class Status:
@@ -63,6 +64,7 @@ class Monitor:
         self._on_store_lost = on_store_lost
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._slow = {"store": 0, "database": 0}  # unanswered pings in a row
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="health-monitor")
@@ -79,7 +81,13 @@ class Monitor:
         try:
             intact = await asyncio.wait_for(self._ping_store(), self._interval) is not False
             self.status.store_ok = True
-        except (StoreUnavailable, TimeoutError, OSError) as exc:
+            self._slow["store"] = 0
+        except TimeoutError:
+            intact = True  # not known to be lost
+            if self._too_slow("store"):
+                self.status.store_ok = False
+                log.warning("hot store unavailable: %d pings unanswered within %gs", SLOW_PINGS, self._interval)
+        except (StoreUnavailable, OSError) as exc:
             self.status.store_ok = False
             log.warning("hot store unavailable: %s", exc)
         if self.status.store_ok and not intact:
@@ -92,11 +100,23 @@ class Monitor:
         try:
             await asyncio.wait_for(self._ping_db(), self._interval)
             self.status.db_ok = True
-        except (StoreUnavailable, TimeoutError, OSError) as exc:
+            self._slow["database"] = 0
+        except TimeoutError:
+            if self._too_slow("database"):
+                self.status.db_ok = False
+                log.warning("database unavailable: %d pings unanswered within %gs", SLOW_PINGS, self._interval)
+        except (StoreUnavailable, OSError) as exc:
             self.status.db_ok = False
             log.warning("database unavailable: %s", exc)
         if self.status.serving != before:
             await self._on_change(self.status.serving)
+
+    def _too_slow(self, store: str) -> bool:
+        """A ping that did not answer in time: an outage only after SLOW_PINGS in a row. On a
+        busy process a slow answer is usually the event loop's delay, and refusing every new
+        session for it would be a self-inflicted outage; a refused connection counts at once."""
+        self._slow[store] += 1
+        return self._slow[store] >= SLOW_PINGS
 
     async def _run(self) -> None:
         while True:
@@ -104,4 +124,7 @@ class Monitor:
                 await self.check()
             except Exception:
                 log.exception("health check failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # wait_for may have swallowed a cancel
+                raise asyncio.CancelledError
             await asyncio.sleep(self._interval)

@@ -20,6 +20,7 @@ from creditd.domain.records import (
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
 from creditd.errors import FailedPrecondition, NotFound
+from creditd.store.base import StoreUnavailable
 
 # Grants are free credits of the current period; everything else is bought and never expires.
 _TO_FREE = {TopupKind.GRANT}
@@ -52,6 +53,10 @@ class Ledger:
     ) -> tuple[LedgerRecord, WalletState]:
         """Credit an account once per idempotency key; answered only after the database commit."""
         account = await self.ctx.catalog.account(account_id)
+        if not self.ctx.status.store_ok:
+            # Fail closed before committing: while the hot store is away or being rebuilt,
+            # an entry committed now could miss the rebuilt balances until it is retried.
+            raise StoreUnavailable("the hot store is unavailable; nothing was credited", store="hot")
         if not account.has_wallet:
             raise FailedPrecondition(
                 f"{account_id} is billed to its agency (AGENCY_PAID) and has no wallet to top up",

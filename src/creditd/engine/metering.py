@@ -269,7 +269,7 @@ class Metering:
         now = self.ctx.now()
         settled = 0
         for agency_id in self.ctx.catalog.agency_ids():
-            for state in await self.ctx.store.live_sessions(agency_id):
+            for state in await self.ctx.store.live_sessions(agency_id, skip=set(self.runs)):
                 if state.session_id in self.runs or state.expires_at >= now or state.channel != Channel.VOICE:
                     continue
                 result = await self.ctx.store.settle(

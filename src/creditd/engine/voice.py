@@ -19,8 +19,8 @@ from creditd.domain.tariff import Tariff
 from creditd.engine.context import Context
 from creditd.engine.messages import CutoffMsg, GrantMsg, Message, SummaryMsg, WarningMsg
 from creditd.engine.pricing import parties
-from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
-from creditd.store.base import Payer, ReserveRequest, SettleRequest, StoreUnavailable
+from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument, NotFound
+from creditd.store.base import Payer, ReserveRequest, SettleRequest, SettleResult, StoreUnavailable
 
 log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_SECONDS = 0.5
@@ -102,7 +102,7 @@ class VoiceRun:
     async def end(self, seconds_used: int) -> Message:
         if seconds_used < self.last_reported:
             raise _decreasing(seconds_used, self.last_reported)
-        return await self._stop(DenyReason.NONE, min(seconds_used, self.granted))
+        return await self._stop(DenyReason.NONE, lambda: min(seconds_used, self.granted))
 
     def interrupt(self, reason: DenyReason) -> None:
         """Cut the call now (an operator suspended a subscription or lowered a limit)."""
@@ -192,6 +192,13 @@ class VoiceRun:
             await asyncio.wait_for(self._wakeup.wait(), max(0.0, seconds))
 
     async def _renew(self) -> None:
+        # Under the settlement lock: a SessionEnd arriving meanwhile settles after this
+        # renewal, against the grant the worker may already have been sent.
+        async with self._stop_lock:
+            if self.final is None:
+                await self._reserve_more()
+
+    async def _reserve_more(self) -> None:
         if not self.ctx.status.can_renew():
             self.exhausted = DenyReason.SERVICE_UNAVAILABLE
             return
@@ -225,11 +232,12 @@ class VoiceRun:
         if result.granted_seconds < self.ctx.settings.slice_seconds:
             self.exhausted = party.deny_reason(result.limited_by) or DenyReason.SERVICE_UNAVAILABLE
 
-    async def _stop(self, reason: DenyReason, billed: int) -> Message:
-        """Settle exactly once and send the final message."""
+    async def _stop(self, reason: DenyReason, billed: int | Callable[[], int]) -> Message:
+        """Settle exactly once and send the final message. `billed` may be computed under the
+        settlement lock, so that it sees the last grant."""
         async with self._stop_lock:
             if self.final is None:
-                await self._settle(reason, billed)
+                await self._settle(reason, billed() if callable(billed) else billed)
         assert self.final is not None
         current = asyncio.current_task()
         if current is not self._task:
@@ -245,12 +253,28 @@ class VoiceRun:
             now=self.ctx.now(),
             cutoff_reason=int(reason),
         )
+        announced = False
         while True:
             try:
                 result = await self.ctx.store.settle(request)
                 break
             except StoreUnavailable:
+                if reason is not DenyReason.NONE and not announced:
+                    # The call must stop on time even when its settlement has to wait.
+                    self._send(CutoffMsg(int(reason), billed))
+                    announced = True
                 # The reservation stays held; retrying keeps the settlement exactly once.
+                await asyncio.sleep(UNAVAILABLE_RETRY_SECONDS)
+            except NotFound:
+                # The hot store lost the session with everything it held (Redis came back
+                # empty). The rebuild from the database restores and settles what was
+                # durable: wait until the store is whole, then ask again. A session that the
+                # whole store still does not know was never recorded: there is no
+                # reservation left to release, and its usage is within the crash-loss bound.
+                if await self._store_whole():
+                    log.warning("session %s was lost with the hot store's data", self.session_id)
+                    result = SettleResult(0, {}, False, int(reason))
+                    break
                 await asyncio.sleep(UNAVAILABLE_RETRY_SECONDS)
         if reason is DenyReason.NONE:
             final: Message = SummaryMsg(
@@ -261,13 +285,22 @@ class VoiceRun:
         else:
             final = CutoffMsg(int(reason), result.billed_seconds)
         self.final = final
-        self._send(final)
+        if not announced:
+            self._send(final)
         self._out = None
         for account_id in self.tariffs:
             await self.ctx.bus.publish(f"balance:{account_id}")
         if reason is not DenyReason.NONE:
             await self.ctx.bus.publish("events")
         self._on_done(self)
+
+    async def _store_whole(self) -> bool:
+        """The hot store answers, holds its data and is not being rebuilt."""
+        try:
+            intact = await self.ctx.store.ping() is not False
+        except StoreUnavailable:
+            return False
+        return intact and self.ctx.status.store_ok
 
     async def cancel(self) -> None:
         """Stop the timer without settling (the process is going away; recovery settles)."""

@@ -158,8 +158,9 @@ class HotStore(abc.ABC):
     async def session(self, agency_id: str, session_id: str) -> SessionState | None: ...
 
     @abc.abstractmethod
-    async def live_sessions(self, agency_id: str) -> list[SessionState]:
-        """Sessions of the agency and its clients that are not settled yet."""
+    async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
+        """Sessions of the agency and its clients that are not settled yet, less the ids in
+        `skip` (not even read: a replica skips the sessions it serves itself)."""
 
     @abc.abstractmethod
     async def append_records(self, agency_id: str, records: list[Record]) -> None:

@@ -126,8 +126,12 @@ class EmbeddedHotStore(HotStore):
     async def session(self, agency_id: str, session_id: str) -> SessionState | None:
         return self._sessions.get(session_id)
 
-    async def live_sessions(self, agency_id: str) -> list[SessionState]:
-        return [s for s in self._sessions.values() if s.agency_id == agency_id and s.status == "open"]
+    async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
+        return [
+            s
+            for s in self._sessions.values()
+            if s.agency_id == agency_id and s.status == "open" and s.session_id not in skip
+        ]
 
     # -- the atomic operations ---------------------------------------------------------
 

@@ -110,6 +110,7 @@ DEFAULT_PREFIX = "creditd:"
 _ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
 REBUILD_LOCK_MS = 60_000  # longer than any rebuild; a dead holder frees it
 _BATCH = 500  # keys or members per command in load()
+_LIVE_BATCH = 200  # sessions read per round trip by live_sessions()
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rx.ConnectionError,  # also BusyLoadingError, MaxConnectionsError
@@ -160,7 +161,12 @@ class RedisHotStore(HotStore):
         }
         options.update(redis_options)
         options["decode_responses"] = True
-        self._redis = aioredis.Redis.from_url(url, **options)
+        # A pool that waits (up to `timeout` seconds) for a free connection: redis-py's
+        # default pool raises MaxConnectionsError at once when its 100 connections are
+        # busy, which turned a burst of concurrent calls into UNAVAILABLE answers.
+        options.setdefault("max_connections", 256)
+        options.setdefault("timeout", 2.0)
+        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, **options))
         self._prefix = prefix
         self._registry = f"{prefix}agencies"
         self._marker = f"{prefix}loaded"
@@ -312,14 +318,18 @@ class RedisHotStore(HotStore):
             raw = cast(dict[str, str], await self._redis.hgetall(self._session_key(agency_id, session_id)))
         return _session_from(raw) if raw else None
 
-    async def live_sessions(self, agency_id: str) -> list[SessionState]:
+    async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
+        raws: list[dict[str, str]] = []
         with _redis_errors():
             ids = cast(set[str], await self._redis.smembers(self._live_key(agency_id)))
-            pipe = self._redis.pipeline(transaction=False)
-            ordered = sorted(ids)
-            for session_id in ordered:
-                pipe.hgetall(self._session_key(agency_id, session_id))
-            raws: list[dict[str, str]] = await pipe.execute()
+            ordered = sorted(i for i in ids if i not in skip)
+            # In pipelines of _LIVE_BATCH: reading 10,000 sessions in one go held the event
+            # loop for hundreds of milliseconds, and every session timer fired that late.
+            for start in range(0, len(ordered), _LIVE_BATCH):
+                pipe = self._redis.pipeline(transaction=False)
+                for session_id in ordered[start : start + _LIVE_BATCH]:
+                    pipe.hgetall(self._session_key(agency_id, session_id))
+                raws += await pipe.execute()
         states = [_session_from(raw) for raw in raws if raw]
         return [s for s in states if s.status == "open"]
 
@@ -577,7 +587,7 @@ class RedisHotStore(HotStore):
             self._touched(agency_id)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
 
 # -- encoding ------------------------------------------------------------------------------

@@ -1,0 +1,369 @@
+"""Authorize end to end on creditd (Redis + Postgres) against a bare grpc.aio servicer.
+
+Both servers are driven in one run, one after the other, by the same load generator: a
+separate process running N asyncio clients over C channels (each channel its own HTTP/2
+connection), each client calling Authorize back to back for --duration seconds after a
+--warmup. Reported per server: calls per second, p50 and p99 latency, the server's CPU
+(cores) during the measurement, and creditd's ratio to the bare servicer (SPEC §8: at
+least 0.8).
+
+Every Authorize uses a fresh session_id, so each one is a real new session: catalog and
+authorization checks, and one Lua reservation of the first slice on the client's and the
+agency's wallets (plus its session record written behind to Postgres). The wallets are
+funded up front with a big top-up (10^13 micros each) instead of releasing each session:
+a release would be a second RPC (a StreamUsage stream with SessionEnd) that the bare
+servicer does not do. The reservations are left to expire after CREDITD_AUTHORIZE_TTL_SECONDS
+(60 s, after the measurement), and each creditd run gets a new database and key prefix.
+
+    python bench/authorize.py                     # asyncio servers, one process each
+    python bench/authorize.py --loop uvloop       # servers on uvloop
+    python bench/authorize.py --procs 2           # two processes per server on one port (SO_REUSEPORT)
+    python bench/authorize.py --matrix            # the three above, in one run
+    python bench/authorize.py --profile out.txt   # py-spy the creditd server while it is measured
+
+Needs the machine's Postgres (CREDITD_BENCH_POSTGRES_ADMIN_URL) and Redis (CREDITD_BENCH_REDIS_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    ADMIN_TOKEN,
+    Server,
+    bench_stores,
+    cpu_seconds,
+    creditd_env,
+    free_port,
+    machine,
+    percentile,
+)
+
+CREDIT = 1_000_000
+FUNDS = 10**13  # micros on every wallet: 10 million one-credit slices
+
+
+@dataclass
+class Result:
+    target: str
+    loop: str
+    procs: int
+    concurrency: int
+    channels: int
+    calls: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    denied: int
+    server_cores: float
+    loadgen_cores: float
+    cores_per_process: list[float]
+
+
+# -- the load generator (its own process) ---------------------------------------------------
+
+
+async def _load(args: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+
+    from creditd.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+
+    channels = [
+        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(args.channels)
+    ]
+    for channel in channels:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+    stubs = [metering_pb2_grpc.MeteringServiceStub(channel) for channel in channels]
+    metadata = (("authorization", f"Bearer {args.token}"),)
+    clients = [f"{args.client_prefix}{i}" for i in range(args.clients)]
+    run = uuid.uuid4().hex[:8]
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    denied = 0
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    measure_from = begin + args.warmup
+    end = measure_from + args.duration
+
+    async def worker(number: int) -> None:
+        nonlocal denied
+        stub = stubs[number % len(stubs)]
+        client_id = clients[number % len(clients)]
+        i = 0
+        while True:
+            started = loop.time()
+            if started >= end:
+                return
+            request = metering_pb2.AuthorizeRequest(
+                session_id=f"{run}-{number}-{i}",
+                client_id=client_id,
+                channel=common_pb2.CHANNEL_VOICE,
+                direction=common_pb2.DIRECTION_INBOUND,
+            )
+            i += 1
+            try:
+                response = await stub.Authorize(request, metadata=metadata, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            if started >= measure_from:
+                latencies.append(loop.time() - started)
+                denied += not response.allowed
+
+    async def marks() -> None:
+        await asyncio.sleep(max(0.0, measure_from - loop.time()))
+        print("measuring", flush=True)
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        print("measured", flush=True)
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
+    await asyncio.gather(marks(), *(worker(n) for n in range(args.concurrency)))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for channel in channels:
+        await channel.close()
+    latencies.sort()
+    return {
+        "calls": len(latencies),
+        "seconds": args.duration,
+        "rps": len(latencies) / args.duration,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "errors": dict(errors),
+        "denied": denied if args.count_denied else 0,
+        "loadgen_cores": (usage.ru_utime + usage.ru_stime - cpu_before) / (args.warmup + args.duration),
+    }
+
+
+def load_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="authorize.py load")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--token", default=ADMIN_TOKEN)
+    parser.add_argument("--client-prefix", default="bench-c")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--count-denied", action="store_true")
+    parser.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    print(json.dumps(asyncio.run(_load(args))), flush=True)
+
+
+# -- one measured run ---------------------------------------------------------------------
+
+
+async def _setup_creditd(address: str, clients: int) -> None:
+    """An agency and its clients, funded for millions of slices."""
+    import grpc
+
+    from creditd.v1 import account_pb2, account_pb2_grpc, common_pb2, ledger_pb2, ledger_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        await accounts.CreateAgency(
+            account_pb2.CreateAgencyRequest(agency_id="bench", free_voice_micros=FUNDS), metadata=metadata
+        )
+        await accounts.CreatePlan(
+            account_pb2.CreatePlanRequest(
+                agency_id="bench",
+                plan_id="p",
+                default_voice_micros_per_minute=CREDIT,
+                default_sms_micros_per_segment=166_000,
+            ),
+            metadata=metadata,
+        )
+        for i in range(clients):
+            client_id = f"bench-c{i}"
+            await accounts.CreateClient(
+                account_pb2.CreateClientRequest(
+                    client_id=client_id,
+                    agency_id="bench",
+                    plan_id="p",
+                    billing_mode=common_pb2.BILLING_MODE_REBILLING,
+                ),
+                metadata=metadata,
+            )
+            await ledger.Topup(
+                ledger_pb2.TopupRequest(
+                    account_id=client_id,
+                    balance_type=common_pb2.BALANCE_TYPE_VOICE,
+                    amount_micros=FUNDS,
+                    kind=ledger_pb2.TOPUP_KIND_PURCHASE,
+                    idempotency_key=f"bench-fund-{client_id}",
+                ),
+                metadata=metadata,
+            )
+
+
+def _py_spy(pid: int, seconds: float, out: str) -> subprocess.Popen[bytes] | None:
+    binary = shutil.which("py-spy")
+    if binary is None:
+        print("py-spy is not installed (pip install py-spy): no profile", file=sys.stderr)
+        return None
+    command = [binary, "record", "--pid", str(pid), "--rate", "250", "--duration", str(int(seconds))]
+    return subprocess.Popen(
+        [*command, "--format", "raw", "--output", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def measure(target: str, args: argparse.Namespace, loop: str, procs: int) -> Result:
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    flags = ["--uvloop"] if loop == "uvloop" else []
+    if procs > 1:
+        flags.append("--reuseport")
+    servers: list[Server] = []
+    with bench_stores() as stores:
+        try:
+            if target == "bare":
+                servers = [Server(["bare", "--listen", listen, *flags]) for _ in range(procs)]
+            else:
+                env = creditd_env(stores, listen)
+                servers = [Server(["creditd", *flags], env) for _ in range(procs)]
+                asyncio.run(_setup_creditd(listen, args.clients))
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "load",
+                "--target",
+                listen,
+                "--clients",
+                str(args.clients),
+                "--concurrency",
+                str(args.concurrency),
+                "--channels",
+                str(args.channels),
+                "--duration",
+                str(args.duration),
+                "--warmup",
+                str(args.warmup),
+            ]
+            if target == "creditd":
+                command.append("--count-denied")
+            if args.loadgen_uvloop:
+                command.append("--uvloop")
+            generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            assert generator.stdout is not None
+            cpu: dict[str, float] = {}
+            spy = None
+            report: dict[str, Any] = {}
+            for line in generator.stdout:
+                line = line.strip()
+                if line in ("measuring", "measured"):
+                    for i, server in enumerate(servers):
+                        cpu[f"{line}{i}"] = cpu_seconds(server.pid)
+                    cpu[line] = sum(cpu_seconds(s.pid) for s in servers)
+                    cpu[line + "_at"] = time.monotonic()
+                    if line == "measuring" and args.profile and target == "creditd":
+                        spy = _py_spy(servers[0].pid, args.duration, args.profile)
+                elif line.startswith("{"):
+                    report = json.loads(line)
+            if generator.wait() != 0 or not report:
+                raise RuntimeError("the load generator failed")
+            if spy is not None:
+                spy.wait(60)
+            elapsed = cpu["measured_at"] - cpu["measuring_at"]
+            return Result(
+                target=target,
+                loop=loop,
+                procs=procs,
+                concurrency=args.concurrency,
+                channels=args.channels,
+                calls=report["calls"],
+                seconds=report["seconds"],
+                rps=report["rps"],
+                p50_ms=report["p50_ms"],
+                p99_ms=report["p99_ms"],
+                errors=report["errors"],
+                denied=report["denied"],
+                server_cores=(cpu["measured"] - cpu["measuring"]) / elapsed,
+                loadgen_cores=report["loadgen_cores"],
+                cores_per_process=[
+                    round((cpu[f"measured{i}"] - cpu[f"measuring{i}"]) / elapsed, 2) for i in range(len(servers))
+                ],
+            )
+        finally:
+            for server in servers:
+                server.kill()
+
+
+def _line(result: Result) -> str:
+    errors = sum(result.errors.values())
+    return (
+        f"{result.target:<8} {result.loop:<8} {result.procs:>5} {result.concurrency:>5} {result.channels:>4}"
+        f" {result.calls:>8} {result.rps:>9.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
+        f" {result.server_cores:>7.2f} {result.loadgen_cores:>8.2f} {errors:>6} {result.denied:>6}"
+        + (f"  per process {result.cores_per_process}" if result.procs > 1 else "")
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "load":
+        load_main(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (asyncio tasks)")
+    parser.add_argument("--channels", type=int, default=4, help="channels (HTTP/2 connections) they share")
+    parser.add_argument("--clients", type=int, default=8, help="creditd client accounts the calls spread over")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the servers' event loop")
+    parser.add_argument("--procs", type=int, default=1, help="server processes on one port (SO_REUSEPORT)")
+    parser.add_argument("--matrix", action="store_true", help="asyncio x1, uvloop x1 and uvloop x2 in one run")
+    parser.add_argument("--loadgen-uvloop", action="store_true", help="run the load generator on uvloop")
+    parser.add_argument("--profile", help="py-spy raw profile of the creditd server written here")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    configs = [("asyncio", 1), ("uvloop", 1), ("uvloop", 2)] if args.matrix else [(args.loop, args.procs)]
+    print(f"machine: {machine()}")
+    print(
+        f"load: {args.concurrency} concurrent clients over {args.channels} channels, "
+        f"{args.warmup:g}s warm-up, {args.duration:g}s measured, fresh session_id per call"
+    )
+    print(
+        f"{'target':<8} {'loop':<8} {'procs':>5} {'conc':>5} {'chan':>4} {'calls':>8} {'calls/s':>9}"
+        f" {'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>7} {'load cpu':>8} {'errors':>6} {'denied':>6}"
+    )
+    results: list[Result] = []
+    for loop, procs in configs:
+        bare = measure("bare", args, loop, procs)
+        print(_line(bare), flush=True)
+        creditd = measure("creditd", args, loop, procs)
+        print(_line(creditd), flush=True)
+        ratio = creditd.rps / bare.rps if bare.rps else float("nan")
+        print(f"ratio creditd/bare ({loop} x{procs}): {ratio:.2f} (SPEC target >= 0.8)", flush=True)
+        results += [bare, creditd]
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

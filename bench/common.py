@@ -1,0 +1,165 @@
+"""What the benchmarks share: stores of their own on the machine's Postgres and Redis, server
+processes, CPU and memory readings, percentiles, a description of the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+from psycopg import sql
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+POSTGRES_ADMIN_URL = os.environ.get("CREDITD_BENCH_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("CREDITD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_TOKEN = "cdk_bench_0123456789abcdef"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def postgres_url(database: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(POSTGRES_ADMIN_URL)
+    user = info.get("user", "postgres")
+    host = info.get("host", "127.0.0.1")
+    port = info.get("port", 5432)
+    return f"postgresql+psycopg://{user}@{host}:{port}/{database}"
+
+
+@dataclass
+class Stores:
+    database: str
+    database_url: str
+    redis_url: str
+    prefix: str
+
+
+@contextlib.contextmanager
+def bench_stores() -> Iterator[Stores]:
+    """A new migrated Postgres database and a new Redis key prefix, removed afterwards."""
+    from creditd.db.migrate import upgrade
+
+    name = f"creditd_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    prefix = f"creditd-bench-{uuid.uuid4().hex[:10]}:"
+    try:
+        url = postgres_url(name)
+        upgrade(url)
+        yield Stores(name, url, REDIS_URL, prefix)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            for start in range(0, len(keys), 500):
+                client.delete(*keys[start : start + 500])
+        finally:
+            client.close()
+
+
+def creditd_env(stores: Stores, listen: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITD_")}
+    env.update(
+        PYTHONUNBUFFERED="1",
+        CREDITD_LISTEN=listen,
+        CREDITD_DATABASE_URL=stores.database_url,
+        CREDITD_REDIS_URL=stores.redis_url,
+        CREDITD_REDIS_PREFIX=stores.prefix,
+        CREDITD_ADMIN_TOKEN=ADMIN_TOKEN,
+        CREDITD_DRAIN_SECONDS="0",
+    )
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A server process (bench/servers.py) whose output goes to a file; ready once it
+    prints "listening on"."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 60) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="creditd-bench-", suffix=".log")[1])
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(HERE / "servers.py"), *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while "listening on" not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server {args} did not start:\n{self.output()}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text("utf-8", "replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        if os.environ.get("CREDITD_BENCH_KEEP_LOGS"):
+            print(f"server log kept: {self.log}", file=sys.stderr)
+        else:
+            self.log.unlink(missing_ok=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = 0
+    with contextlib.suppress(OSError, AttributeError):
+        match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        memory = int(match.group(1)) // (1024 * 1024) if match else 0
+    import grpc
+
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+    )
