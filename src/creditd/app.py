@@ -36,7 +36,7 @@ from creditd.engine.health import Monitor
 from creditd.engine.ledger import Ledger
 from creditd.engine.metering import Metering
 from creditd.store.base import HotStore
-from creditd.store.embedded import EmbeddedHotStore
+from creditd.store.embedded import RETENTION_SECONDS, EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus
 from creditd.telemetry import Telemetry
@@ -77,7 +77,7 @@ def make_store(settings: Settings) -> tuple[HotStore, LocalBus]:
     """The hot store and the bus: in process, or shared by every replica through Redis."""
     if settings.redis_url:
         return (
-            RedisHotStore(settings.redis_url, settings.redis_prefix),
+            RedisHotStore(settings.redis_url, settings.redis_prefix, settled_ttl_seconds=RETENTION_SECONDS),
             RedisBus(settings.redis_url, settings.redis_prefix),
         )
     return EmbeddedHotStore(), LocalBus()

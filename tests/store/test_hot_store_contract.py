@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import math
 import random
 import shutil
 import socket
@@ -84,7 +85,7 @@ async def _delete_keys(pattern: str) -> None:
 @contextlib.asynccontextmanager
 async def open_store(kind: str) -> AsyncIterator[HotStore]:
     if kind == "embedded":
-        yield EmbeddedHotStore()
+        yield EmbeddedHotStore(retention_seconds=math.inf)  # Redis here keeps them too
         return
     prefix = f"creditd-test-{RUN}-{next(_stores)}:"
     store = RedisHotStore(REDIS_URL, prefix)
