@@ -17,6 +17,26 @@ import asyncio
 from typing import Any
 
 
+def _log_gc_pauses(threshold: float = 0.05) -> None:
+    """Print every garbage collection that holds the process longer than `threshold` s."""
+    import gc
+    import sys
+    import time
+
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            took = time.perf_counter() - started.pop("t")
+            if took >= threshold:
+                text = f"gc pause: generation {info['generation']} took {took * 1000:.0f} ms"
+                print(text, file=sys.stderr, flush=True)
+
+    gc.callbacks.append(callback)
+
+
 def _use_uvloop() -> None:
     import uvloop
 
@@ -67,7 +87,16 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--reuseport", action="store_true")
+    parser.add_argument("--gc-log", action="store_true", help="print garbage collections longer than 50 ms")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the start-up heap; collect gen 2 rarely")
     args = parser.parse_args()
+    if args.gc_log:
+        _log_gc_pauses()
+    if args.gc_freeze:
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(10_000, 50, 1_000)
     if args.uvloop:
         _use_uvloop()
     if args.kind == "bare":

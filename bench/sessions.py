@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--ramp-concurrency", type=int, default=32, help="Authorize calls in flight per load process")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="py-spy raw profile of the server (30 s of the hold) written here")
+    parser.add_argument("--gc-log", action="store_true", help="count the server's garbage-collection pauses")
+    parser.add_argument("--gc-freeze", action="store_true", help="server: gc.freeze() and rarer gen-2 collections")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
@@ -321,7 +323,10 @@ def main() -> None:
             del env["CREDITD_REDIS_URL"]
             env["CREDITD_DATABASE_URL"] = f"sqlite+aiosqlite:///{home}/creditd.db"
         env["HOME"] = home
-        server = Server(["creditd", *(["--uvloop"] if args.loop == "uvloop" else [])], env)
+        flags = ["--uvloop"] if args.loop == "uvloop" else []
+        flags += ["--gc-log"] if args.gc_log else []
+        flags += ["--gc-freeze"] if args.gc_freeze else []
+        server = Server(["creditd", *flags], env)
         generators: list[subprocess.Popen[str]] = []
         try:
             per_client = -(-args.sessions // args.clients)
@@ -397,6 +402,7 @@ def main() -> None:
                 reports.append(json.loads(out.strip().splitlines()[-1]))
             rss_end = rss_bytes(server.pid)
             server_warnings = [line for line in server.output().splitlines() if '"level": "' in line][-5:]
+            gc_pauses = [line for line in server.output().splitlines() if line.startswith("gc pause")]
             reconciled = _reconcile(env) if args.store == "redis" else "not applicable (embedded)"
         finally:
             for generator in generators:
@@ -437,6 +443,8 @@ def main() -> None:
         "error_kinds": sorted({x for r in reports for x in r["error_kinds"]}),
         "error_details": {k: round(v - window_from, 1) for r in reports for k, v in r["error_details"].items()},
         "server_log_tail": server_warnings,
+        "gc_pauses_over_50ms": len(gc_pauses),
+        "gc_pause_longest": max(gc_pauses, key=lambda line: int(line.split()[-2]), default=""),
         "cutoff_lateness_ms": {
             "p50": round(percentile(lateness, 0.5), 1),
             "p99": round(percentile(lateness, 0.99), 1),

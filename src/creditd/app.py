@@ -146,8 +146,7 @@ class App:
         await self.ctx.bus.start()
         await self.ctx.catalog.load()
         if await self.ctx.store.ping() is False:  # empty (a new process, or Redis lost its data)
-            async with self.ctx.store.rebuild_lock() as mine:
-                settled = await rebuild(self.ctx) if mine else 0
+            settled = await self._rebuild_once()
             if settled:
                 log.warning("settled %d sessions left open by an earlier run", settled)
         self.flusher = Flusher(self.ctx)
@@ -238,12 +237,19 @@ class App:
         wait until it is whole."""
         for run in list(self.metering.runs.values()):
             run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
+        await self._rebuild_once()
+
+    async def _rebuild_once(self) -> int:
+        """Rebuild the empty hot store unless another replica does (or just did); returns the
+        number of sessions this replica settled. Returns once the store is whole."""
         async with self.ctx.store.rebuild_lock() as mine:
-            if mine:
-                await rebuild(self.ctx)
-                return
+            # Checked again under the lock: another replica may have finished meanwhile, and
+            # a second rebuild would settle its sessions twice.
+            if mine and await self.ctx.store.ping() is False:
+                return await rebuild(self.ctx)
         while await self.ctx.store.ping() is False:  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.2)
+        return 0
 
     async def drain(self, seconds: float | None = None) -> None:
         """Stop taking sessions, let live calls end for `seconds` (`drain_seconds`), then cut

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import redis.asyncio
 
 from tests.conftest import CREDIT, Api
 from tests.crash.conftest import FAST
@@ -53,6 +54,22 @@ async def _until(api: Api, want: grpc.StatusCode, within: float, name: str) -> f
         attempt += 1
         await asyncio.sleep(0.1)
     return time.monotonic() - started
+
+
+async def _outbox_drained(prefix: str, within: float) -> float:
+    """Wait until every outbox stream under `prefix` is empty; returns how long it took."""
+    client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+    started = time.monotonic()
+    try:
+        while True:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*outbox")]
+            pending = sum([await client.xlen(key) for key in keys])
+            if not pending:
+                return time.monotonic() - started
+            assert time.monotonic() - started < within, f"{pending} records still in the outbox"
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
 
 
 async def test_postgres_stopped_during_calls(
@@ -104,6 +121,8 @@ async def test_postgres_stopped_during_calls(
                 await call.end()
                 assert call.final is not None and call.final.WhichOneof("msg") == "summary", call.final
             balances = {a: await api.balance(a) for a in ("a1", "c1", "c2", "c3")}
+            # the write-behind outbox drains by itself (the stopped server's last flush aside)
+            drained_after = await _outbox_drained(prefix, within=5)
         output = server.output()
         assert server.stop() == 0
 
@@ -127,7 +146,8 @@ async def test_postgres_stopped_during_calls(
         print(
             f"\npostgres down {down_for:.1f}s: Topup refused at once, Authorize refused"
             f" {detected:.2f}s after the stop; live calls renewed throughout; service back"
-            f" {recovered:.2f}s after Postgres restarted; refused top-ups {dict(failed_while_down)}"
+            f" {recovered:.2f}s after Postgres restarted, outbox empty {drained_after:.2f}s after the calls ended;"
+            f" refused top-ups {dict(failed_while_down)}"
         )
         print(assert_reconciled(env))
     finally:

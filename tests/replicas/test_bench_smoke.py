@@ -19,7 +19,8 @@ def test_the_authorize_benchmark_runs() -> None:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^(bare|creditd)\s+asyncio\s+1\s+8\s+2\s+(\d+)\s+(\d+)", done.stdout, re.M)}
+    row = re.compile(r"^(bare|creditd)\s+asyncio\s+1\s+8\s+2\s+(\d+)\s+(\d+)", re.M)
+    rows = {m.group(1): m.groups()[1:] for m in row.finditer(done.stdout)}
     assert set(rows) == {"bare", "creditd"}, output
     assert all(int(calls) > 0 for calls, _ in rows.values()), output
     assert re.search(r"^ratio creditd/bare \(asyncio x1\): \d+\.\d\d", done.stdout, re.M), output
