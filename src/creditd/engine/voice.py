@@ -190,6 +190,9 @@ class VoiceRun:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), max(0.0, seconds))
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # Python 3.11's wait_for can swallow a cancel
+            raise asyncio.CancelledError
 
     async def _renew(self) -> None:
         # Under the settlement lock: a SessionEnd arriving meanwhile settles after this
@@ -304,9 +307,9 @@ class VoiceRun:
 
     async def cancel(self) -> None:
         """Stop the timer without settling (the process is going away; recovery settles)."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=1.0)
 
 
 def _decreasing(seconds: int, last: int) -> CreditdError:
