@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -119,6 +119,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+STOP_STEP_SECONDS = 10.0
+
+
+async def _bounded(name: str, step: Awaitable[object], seconds: float = STOP_STEP_SECONDS) -> None:
+    """Run one shutdown step, but never let it hold the process: what is left of it after
+    `seconds` is abandoned (sessions still open are settled by recovery or the lease)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("shutdown step %r did not finish in %.0fs; going on without it", name, seconds)
+    elif task.exception() is not None:
+        log.error("shutdown step %r failed: %s", name, task.exception())
 
 
 class App:
@@ -271,14 +286,15 @@ class App:
         await closing
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self._close_monitor()
-        await self.health.enter_graceful_shutdown()
+        await _bounded("monitor", self._close_monitor())
+        await _bounded("health", self.health.enter_graceful_shutdown())
         if self.server is not None:
-            await self.server.stop(grace)
-        await self.auth.close()
-        await self.metering.close()
-        await self.flusher.close()
-        await self.ctx.store.close()
-        await self.ctx.bus.close()
-        await self.db.close()
-        await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP: never block the loop on it
+            await _bounded("grpc server", self.server.stop(grace), grace + STOP_STEP_SECONDS)
+        await _bounded("auth", self.auth.close())
+        await _bounded("metering", self.metering.close())
+        await _bounded("write-behind", self.flusher.close())
+        await _bounded("hot store", self.ctx.store.close())
+        await _bounded("bus", self.ctx.bus.close())
+        await _bounded("database", self.db.close())
+        # flushes OTLP: never block the loop on it
+        await _bounded("telemetry", asyncio.to_thread(self.telemetry.shutdown))
