@@ -161,18 +161,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str
     if request.param == "embedded":
         yield {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"}
         return
-    template = request.getfixturevalue("postgres_template")
-    database = services.create_database(template)
-    prefix = services.new_redis_prefix()
-    try:
-        yield {
-            "database_url": services.postgres_url(database),
-            "redis_url": services.REDIS_URL,
-            "redis_prefix": prefix,
-        }
-    finally:
-        services.drop_database(database)
-        services.delete_redis_keys(prefix)
+    with services.redis_and_postgres(request.getfixturevalue("postgres_template")) as settings:
+        yield settings
 
 
 @pytest.fixture

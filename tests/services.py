@@ -6,8 +6,10 @@ and its own Redis key prefix, and both are removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import redis
@@ -69,3 +71,16 @@ def delete_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
             client.delete(*keys[start : start + 500])
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def redis_and_postgres(template: str) -> Iterator[dict[str, str]]:
+    """Server settings for a database cloned from `template` and a fresh Redis key prefix,
+    both removed afterwards."""
+    database = create_database(template)
+    prefix = new_redis_prefix()
+    try:
+        yield {"database_url": postgres_url(database), "redis_url": REDIS_URL, "redis_prefix": prefix}
+    finally:
+        drop_database(database)
+        delete_redis_keys(prefix)

@@ -17,7 +17,7 @@ import time
 
 from creditd.domain.accounts import Account, Plan
 from creditd.domain.periods import period_bounds_epoch
-from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType
+from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, SessionRecord
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
 from creditd.store.base import SessionState, SettleRequest, StoreUnavailable
@@ -91,10 +91,7 @@ async def rebuild(ctx: Context) -> int:
             break
     else:
         raise StoreUnavailable("top-ups keep committing during the rebuild; try again", state="rebuilding")
-    reserved: dict[str, int] = {}
-    for record in open_sessions:
-        for account_id, micros in record.reserved.items():
-            reserved[account_id] = reserved.get(account_id, 0) + micros
+    reserved = _reserved_by_account(open_sessions)
     wallets: list[tuple[str, WalletState]] = []
     for account in await db.list_accounts():
         plan = await ctx.catalog.client_plan(account)
@@ -161,10 +158,7 @@ async def _compare(ctx: Context) -> list[str]:
             hot[key] = await ctx.store.read_wallet(account.agency_id, account.account_id, balance_type, now)
     await Flusher(ctx).flush()
     totals = await ctx.db.wallet_totals()
-    reserved: dict[str, int] = {}
-    for record in await ctx.db.open_sessions():
-        for account_id, micros in record.reserved.items():
-            reserved[account_id] = reserved.get(account_id, 0) + micros
+    reserved = _reserved_by_account(await ctx.db.open_sessions())
     differences = []
     for account in accounts:
         plan = await ctx.catalog.client_plan(account)
@@ -180,6 +174,15 @@ async def _compare(ctx: Context) -> list[str]:
                 if want != have:
                     differences.append(f"{name} {field}: ledger {want}, hot store {have}")
     return differences
+
+
+def _reserved_by_account(open_sessions: list[SessionRecord]) -> dict[str, int]:
+    """What the open sessions hold on each account."""
+    reserved: dict[str, int] = {}
+    for record in open_sessions:
+        for account_id, micros in record.reserved.items():
+            reserved[account_id] = reserved.get(account_id, 0) + micros
+    return reserved
 
 
 async def _wallet(
