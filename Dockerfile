@@ -2,14 +2,15 @@
 # creditd container image. Build:  docker build -t creditd .
 # Run:    docker run -p 50051:50051 -e CREDITD_DATABASE_URL=... -e CREDITD_REDIS_URL=... creditd
 
-# --- builder: build the creditd wheel, then install it with its dependencies into a venv ---
+# --- builder: build the creditd and creditd-client wheels (the client carries the API stubs
+# and creditctl), then install both with their dependencies into a venv ---
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 COPY . .
-RUN pip wheel --no-deps -w /wheels . \
- && /opt/venv/bin/pip install /wheels/creditd-*.whl
+RUN pip wheel --no-deps -w /wheels ./clients/python . \
+ && /opt/venv/bin/pip install /wheels/*.whl
 
 # --- runtime: the venv only, run as an unprivileged user ---
 FROM python:3.11-slim AS runtime

@@ -81,8 +81,7 @@ class Result:
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
-
-    from creditd.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+    from creditd_client.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
     channels = [
         grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -178,8 +177,7 @@ def load_main(argv: list[str]) -> None:
 async def _setup_creditd(address: str, clients: int) -> None:
     """An agency and its clients, funded for millions of slices."""
     import grpc
-
-    from creditd.v1 import account_pb2, account_pb2_grpc, common_pb2, ledger_pb2, ledger_pb2_grpc
+    from creditd_client.v1 import account_pb2, account_pb2_grpc, common_pb2, ledger_pb2, ledger_pb2_grpc
 
     metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     async with grpc.aio.insecure_channel(address) as channel:

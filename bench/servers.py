@@ -45,15 +45,14 @@ def _use_uvloop() -> None:
 
 class _Bare:
     async def Authorize(self, request: Any, context: Any) -> Any:
-        from creditd.v1 import metering_pb2
+        from creditd_client.v1 import metering_pb2
 
         return metering_pb2.AuthorizeResponse()
 
 
 async def _serve_bare(listen: str, reuseport: bool) -> None:
     import grpc
-
-    from creditd.v1 import metering_pb2_grpc
+    from creditd_client.v1 import metering_pb2_grpc
 
     servicer = type("BareMetering", (_Bare, metering_pb2_grpc.MeteringServiceServicer), {})()
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuseport))])

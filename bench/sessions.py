@@ -78,8 +78,7 @@ class Session:
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
-
-    from creditd.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+    from creditd_client.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
     count = args.count
     channels = [
@@ -239,8 +238,7 @@ def load_main(argv: list[str]) -> None:
 
 async def _setup(address: str, clients: int, poor: int, sessions_per_client: int) -> None:
     import grpc
-
-    from creditd.v1 import account_pb2, account_pb2_grpc, common_pb2, ledger_pb2, ledger_pb2_grpc
+    from creditd_client.v1 import account_pb2, account_pb2_grpc, common_pb2, ledger_pb2, ledger_pb2_grpc
 
     metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     async with grpc.aio.insecure_channel(address) as channel:

@@ -15,9 +15,7 @@ import time
 import uuid
 
 import grpc
-
-from creditd.domain.money import format_credits
-from creditd.v1 import (
+from creditd_client.v1 import (
     account_pb2,
     account_pb2_grpc,
     common_pb2,
@@ -26,6 +24,8 @@ from creditd.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
+
+from creditd.domain.money import format_credits
 
 CREDIT = 1_000_000
 

@@ -11,12 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
-
-from creditd.app import App
-from creditd.config import Settings
-from creditd.domain.money import MICROS_PER_CREDIT
-from creditd.v1 import (
+from creditd_client.v1 import (
     account_pb2,
     account_pb2_grpc,
     common_pb2,
@@ -25,6 +20,11 @@ from creditd.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
+from google.rpc import error_details_pb2, status_pb2
+
+from creditd.app import App
+from creditd.config import Settings
+from creditd.domain.money import MICROS_PER_CREDIT
 from tests import services
 
 ADMIN_TOKEN = "cdk_admin_0123456789abcdef"

@@ -18,9 +18,7 @@ from psycopg import sql
 
 from creditd.db.migrate import upgrade
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "CREDITD_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+POSTGRES_ADMIN_URL = os.environ.get("CREDITD_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CREDITD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

@@ -22,7 +22,11 @@ def test_generated_stubs_are_in_step_with_the_protos() -> None:
     genproto = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(genproto)
     fresh = genproto.generate()
-    committed = {p.name: p.read_text() for p in (ROOT / "src" / "creditd" / "v1").iterdir() if p.is_file()}
+    committed = {
+        p.name: p.read_text()
+        for p in (ROOT / "clients" / "python" / "src" / "creditd_client" / "v1").iterdir()
+        if p.is_file()
+    }
     assert set(fresh) == set(committed)
     stale = [name for name, text in fresh.items() if committed[name] != text]
     assert not stale, f"run `python scripts/genproto.py`: {stale} differ from the protos"

@@ -17,6 +17,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from creditd_client.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
@@ -40,14 +48,6 @@ from creditd.store.embedded import RETENTION_SECONDS, EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus
 from creditd.telemetry import Telemetry
-from creditd.v1 import (
-    account_pb2,
-    account_pb2_grpc,
-    ledger_pb2,
-    ledger_pb2_grpc,
-    metering_pb2,
-    metering_pb2_grpc,
-)
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (

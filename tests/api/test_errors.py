@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, error_info
 
 Call = Callable[[Api], Awaitable[Any]]

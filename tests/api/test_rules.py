@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, Running, error_info
 
 INBOUND = common_pb2.DIRECTION_INBOUND

@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, Running, ServerFactory, error_info
 
 FAST = {"slice_seconds": 2, "renewal_lead_seconds": 1.0, "warning_seconds": 1.0, "grace_seconds": 1.0}

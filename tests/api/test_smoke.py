@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from creditd.v1 import common_pb2, metering_pb2
+from creditd_client.v1 import common_pb2, metering_pb2
+
 from tests.conftest import CREDIT, Api
 
 

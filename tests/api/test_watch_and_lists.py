@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from creditd_client.v1 import common_pb2, ledger_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from creditd.v1 import common_pb2, ledger_pb2
 from tests.conftest import CREDIT, Api
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from creditd_client.v1 import common_pb2, ledger_pb2, metering_pb2
 
-from creditd.v1 import common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api
 
 

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from creditd_client.v1 import common_pb2
 
-from creditd.v1 import common_pb2
 from tests.conftest import CREDIT, Api
 from tests.crash.conftest import FAST, Stores
 from tests.crash.procs import ADMIN_TOKEN, Ledger, Serve, assert_reconciled, creditd_env, free_port, open_channel

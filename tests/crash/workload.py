@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from creditd_client.v1 import common_pb2, metering_pb2
 
-from creditd.v1 import common_pb2, metering_pb2
 from tests.conftest import Api
 
 

@@ -59,7 +59,7 @@ def test_two_stages_on_python_311_slim() -> None:
     assert len(STAGES) == 2
     assert args_of(BUILDER, "FROM") == ["python:3.11-slim AS builder"]
     assert args_of(RUNTIME, "FROM") == ["python:3.11-slim AS runtime"]
-    assert any("pip wheel --no-deps -w /wheels ." in run for run in args_of(BUILDER, "RUN"))
+    assert any("pip wheel --no-deps -w /wheels ./clients/python ." in run for run in args_of(BUILDER, "RUN"))
     assert any(c.startswith("--from=builder ") for c in args_of(RUNTIME, "COPY"))
 
 
@@ -116,7 +116,7 @@ def test_wheel_built_from_the_docker_context_installs_the_entry_point(tmp_path: 
     assert not (context / ".git").exists() and not (context / "tests").exists()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "wheels"), "."],
+         "-w", str(tmp_path / "wheels"), "./clients/python", "."],
         cwd=context, check=True, timeout=300,
     )  # fmt: skip
     (wheel,) = (tmp_path / "wheels").glob("creditd-*.whl")
@@ -125,6 +125,9 @@ def test_wheel_built_from_the_docker_context_installs_the_entry_point(tmp_path: 
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "creditd = creditd.cli:main" in zf.read(entry_points).decode()
     assert "creditd/healthcheck.py" in names
+    (client_wheel,) = (tmp_path / "wheels").glob("creditd_client-*.whl")
+    with zipfile.ZipFile(client_wheel) as zf:
+        assert "creditd_client/v1/metering_pb2.py" in zf.namelist()
 
 
 def run_healthcheck(*args: str, listen: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ def test_installed_wheel_imports_the_stubs_and_migrates_a_fresh_database(tmp_pat
         timeout=300,
     )
     script = (
-        "import creditd, creditd.v1.metering_pb2 as m, creditd.v1.account_pb2_grpc;"
+        "import creditd, creditd_client.v1.metering_pb2 as m, creditd_client.v1.account_pb2_grpc;"
         "from pathlib import Path;"
         "assert 'site-packages' in creditd.__file__, creditd.__file__;"
         "assert m.DESCRIPTOR.services_by_name['MeteringService'];"

@@ -10,11 +10,11 @@ import asyncio
 import itertools
 from typing import Any
 
+from creditd_client.v1 import common_pb2, ledger_pb2, metering_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from creditd.domain.money import voice_cost
-from creditd.v1 import common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, Running
 
 CLIENTS = ("rebill", "paid", "limited")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from creditd_client.v1 import common_pb2, ledger_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from creditd.v1 import common_pb2, ledger_pb2
 from tests.conftest import CREDIT, Api, error_info
 from tests.operations.serve import Serve
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from creditd_client.v1 import common_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from creditd.v1 import common_pb2
 from tests.conftest import CREDIT, Api, Running, ServerFactory, error_info
 from tests.operations.outages import Proxy, RedisServer
 

@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.operations.outages import Proxy
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, metering_pb2
 
 from creditd import logs
-from creditd.v1 import account_pb2, common_pb2, metering_pb2
 from tests.conftest import CREDIT, Api
 from tests.operations.serve import Serve
 

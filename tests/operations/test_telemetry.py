@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from creditd_client.v1 import common_pb2, metering_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
@@ -17,7 +18,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from creditd.v1 import common_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, ServerFactory
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)

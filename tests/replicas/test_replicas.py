@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2
 
 from creditd.app import App
 from creditd.config import Settings
 from creditd.engine import durability
 from creditd.engine.context import Context
-from creditd.v1 import account_pb2, common_pb2
 from tests import services
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.crash.procs import Ledger, RedisServer

@@ -27,13 +27,13 @@ from typing import Any
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, ServerFactory, error_info
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)

@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
 
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from tests.conftest import CREDIT, Api, Running, ServerFactory, error_info
 
 PLATFORM, AGENCY_ADMIN, WORKER, READER = "platform_admin", "agency_admin", "worker", "reader"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from creditd_client.v1 import account_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from creditd.v1 import account_pb2
 from tests.conftest import ADMIN_TOKEN, Api, ServerFactory
 from tests.security.certs import Authority, Pair
 

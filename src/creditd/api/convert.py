@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditd.domain.accounts import Account, ApiKey, Plan
@@ -11,7 +12,6 @@ from creditd.domain.wallet import WalletState
 from creditd.engine import messages
 from creditd.engine.validation import require_rate, sms_rates, voice_rates
 from creditd.errors import InvalidArgument
-from creditd.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
 
 def timestamp(epoch: float) -> Timestamp:

@@ -8,6 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+from creditd_client.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
+)
 
 from creditd import logs
 from creditd.api import convert
@@ -24,14 +32,6 @@ from creditd.engine.messages import TERMINAL, CutoffMsg
 from creditd.engine.metering import Metering
 from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
 from creditd.telemetry import Telemetry, deny_reason_name
-from creditd.v1 import (
-    account_pb2,
-    account_pb2_grpc,
-    ledger_pb2,
-    ledger_pb2_grpc,
-    metering_pb2,
-    metering_pb2_grpc,
-)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
