@@ -58,3 +58,9 @@ class PermissionDenied(CreditdError):
 class Unavailable(CreditdError):
     code = "UNAVAILABLE"
     reason = "UNAVAILABLE"
+
+
+class StoreUnavailable(Unavailable):
+    """The hot store or the database cannot be reached; nothing was changed or granted."""
+
+    reason = "STORE_UNAVAILABLE"

@@ -37,8 +37,7 @@ from creditd.domain.records import (
     new_id,
 )
 from creditd.domain.wallet import RefillSettings
-from creditd.errors import AlreadyExists, InvalidArgument, NotFound
-from creditd.store.base import StoreUnavailable
+from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
 VOICE, SMS = BalanceType.VOICE, BalanceType.SMS
 T0 = 1_700_000_000.0  # every timestamp below is T0 plus a multiple of 1/4 s: exact in binary

@@ -40,7 +40,7 @@ from creditd.domain.records import (
 )
 from creditd.domain.tariff import SliceTerms, Tariff
 from creditd.domain.wallet import Constraint, RefillSettings, WalletConfig, WalletState
-from creditd.errors import CreditdError, FailedPrecondition, NotFound
+from creditd.errors import CreditdError, FailedPrecondition, NotFound, StoreUnavailable
 from creditd.store.base import (
     HotStore,
     Payer,
@@ -52,7 +52,6 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
-    StoreUnavailable,
 )
 from creditd.store.embedded import EmbeddedHotStore
 from creditd.store.redis import RedisHotStore, decode_record, encode_record

@@ -29,8 +29,7 @@ import grpc
 from creditd.domain.accounts import Account, ApiKey, Role
 from creditd.engine.accounts import hash_secret, key_id_of, secrets_match
 from creditd.engine.context import Context
-from creditd.errors import PermissionDenied, Unauthenticated
-from creditd.store.base import StoreUnavailable
+from creditd.errors import PermissionDenied, StoreUnavailable, Unauthenticated
 
 log = logging.getLogger(__name__)
 KEY_CACHE_SECONDS = 30.0

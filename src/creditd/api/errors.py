@@ -13,8 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
 
-from creditd.errors import CreditdError, InvalidArgument
-from creditd.store.base import StoreUnavailable
+from creditd.errors import CreditdError, InvalidArgument, StoreUnavailable
 
 log = logging.getLogger(__name__)
 DOMAIN = "creditd"

@@ -31,8 +31,7 @@ from creditd.domain.records import (
     TopupKind,
 )
 from creditd.domain.wallet import RefillSettings
-from creditd.errors import AlreadyExists, InvalidArgument, NotFound
-from creditd.store.base import StoreUnavailable
+from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
 # Transactions that insert events hold this Postgres advisory lock from just before their
 # event inserts until commit, so event seqs become visible in order and a poller reading

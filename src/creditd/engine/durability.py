@@ -20,7 +20,8 @@ from creditd.domain.periods import period_bounds_epoch
 from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, SessionRecord
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
-from creditd.store.base import SessionState, SettleRequest, StoreUnavailable
+from creditd.errors import StoreUnavailable
+from creditd.store.base import SessionState, SettleRequest
 
 log = logging.getLogger(__name__)
 REBUILD_READ_ATTEMPTS = 10

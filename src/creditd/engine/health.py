@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from creditd.store.base import StoreUnavailable
+from creditd.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 SLOW_PINGS = 3  # unanswered pings in a row that make a store count as unavailable

@@ -19,8 +19,7 @@ from creditd.domain.records import (
 )
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
-from creditd.errors import FailedPrecondition, NotFound
-from creditd.store.base import StoreUnavailable
+from creditd.errors import FailedPrecondition, NotFound, StoreUnavailable
 
 # Grants are free credits of the current period; everything else is bought and never expires.
 _TO_FREE = {TopupKind.GRANT}

@@ -19,8 +19,8 @@ from creditd.domain.tariff import Tariff
 from creditd.engine.context import Context
 from creditd.engine.messages import CutoffMsg, GrantMsg, Message, SummaryMsg, WarningMsg
 from creditd.engine.pricing import parties
-from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument, NotFound
-from creditd.store.base import Payer, ReserveRequest, SettleRequest, SettleResult, StoreUnavailable
+from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument, NotFound, StoreUnavailable
+from creditd.store.base import Payer, ReserveRequest, SettleRequest, SettleResult
 
 log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_SECONDS = 0.5

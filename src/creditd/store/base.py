@@ -16,14 +16,6 @@ from dataclasses import dataclass, field
 from creditd.domain.records import BalanceType, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
-from creditd.errors import Unavailable
-
-
-class StoreUnavailable(Unavailable):
-    """The hot store or the database cannot be reached; nothing was changed or granted."""
-
-    code = "UNAVAILABLE"
-    reason = "STORE_UNAVAILABLE"
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ from creditd.domain.records import (
     TopupKind,
 )
 from creditd.domain.wallet import Constraint, RefillSettings, WalletConfig, WalletState
-from creditd.errors import FailedPrecondition, NotFound
+from creditd.errors import FailedPrecondition, NotFound, StoreUnavailable
 from creditd.store.base import (
     HotStore,
     ReserveRequest,
@@ -102,7 +102,6 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
-    StoreUnavailable,
 )
 
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
