@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from creditd.app import App
 from creditd.config import Settings
 from creditd.domain.money import MICROS_PER_CREDIT
+from creditd.engine.clock import Clock
 from tests import services
 
 ADMIN_TOKEN = "cdk_admin_0123456789abcdef"
@@ -171,7 +171,7 @@ def make_server(backend: dict[str, str]) -> ServerFactory:
     share the backend's stores, as replicas do."""
 
     @contextlib.asynccontextmanager
-    async def start(clock: Callable[[], float] = time.time, **overrides: Any) -> AsyncIterator[Running]:
+    async def start(clock: Clock | None = None, **overrides: Any) -> AsyncIterator[Running]:
         values: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "admin_token": ADMIN_TOKEN,

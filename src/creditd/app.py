@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -38,6 +37,7 @@ from creditd.db.migrate import upgrade
 from creditd.domain.records import DenyReason
 from creditd.engine.accounts import Accounts
 from creditd.engine.bus import LocalBus
+from creditd.engine.clock import Clock, RealClock
 from creditd.engine.context import Context
 from creditd.engine.durability import Flusher, rebuild
 from creditd.engine.health import Monitor
@@ -137,9 +137,9 @@ async def _bounded(name: str, step: Awaitable[object], seconds: float = STOP_STE
 
 
 class App:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.clock = clock
+        self.clock = clock or RealClock()
         self.admin_token = settings.admin_token or f"cdk_bootstrap_{secrets.token_urlsafe(24).replace('_', '-')}"
         logs.add_secret(self.admin_token)
         self.server: grpc.aio.Server | None = None
@@ -173,11 +173,12 @@ class App:
         self.ctx.status.lag = self.flusher.lag_seconds
         metering = self.metering
         self.telemetry.observe(
-            lambda: (("voice", len(metering.runs)), ("sms", len(metering.sms_streams))),
+            lambda: (("voice", len(metering.voice)), ("sms", len(metering.sms_streams))),
             self.flusher.lag_seconds,
             self.ctx.status,
         )
         self.monitor = Monitor(
+            self.clock,
             self.ctx.status,
             self.ctx.store.ping,
             self.db.ping,
@@ -250,8 +251,8 @@ class App:
         """The hot store lost its data: its live calls are gone with it. One replica rebuilds
         it from the database (settling the sessions the database knows as open); the others
         wait until it is whole."""
-        for run in list(self.metering.runs.values()):
-            run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
+        for session in list(self.metering.voice.sessions.values()):
+            self.metering.voice.interrupt(session, DenyReason.SERVICE_UNAVAILABLE)
         await self._rebuild_once()
 
     async def _rebuild_once(self) -> int:
@@ -274,19 +275,8 @@ class App:
         wait = self.settings.drain_seconds if seconds is None else seconds
         await self.metering.drain(asyncio.get_running_loop().time() + wait)
 
-    async def _close_monitor(self) -> None:
-        """Monitor.close(), and cancel again if the first cancellation was swallowed: on
-        Python 3.11 `asyncio.wait_for` drops a cancellation that arrives as its inner
-        operation (a database ping) completes, and the monitor would then run forever."""
-        closing = asyncio.ensure_future(self.monitor.close())
-        while not (await asyncio.wait({closing}, timeout=0.5))[0]:
-            task: asyncio.Task[None] | None = getattr(self.monitor, "_task", None)
-            if task is not None:
-                task.cancel()
-        await closing
-
     async def stop(self, grace: float = 1.0) -> None:
-        await _bounded("monitor", self._close_monitor())
+        await _bounded("monitor", self.monitor.close())
         await _bounded("health", self.health.enter_graceful_shutdown())
         if self.server is not None:
             await _bounded("grpc server", self.server.stop(grace), grace + STOP_STEP_SECONDS)

@@ -7,6 +7,7 @@ import pytest
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
 
+from creditd.engine.clock import ManualClock
 from tests.conftest import CREDIT, Api, Running, error_info
 
 INBOUND = common_pb2.DIRECTION_INBOUND
@@ -157,8 +158,8 @@ async def test_free_credits_are_used_before_purchased_ones(api: Api) -> None:
 async def test_free_credits_reset_at_the_period_boundary_and_purchased_stay(make_server) -> None:  # type: ignore[no-untyped-def]
     from datetime import UTC, datetime
 
-    now = [datetime(2026, 1, 31, 23, 59, tzinfo=UTC).timestamp()]
-    async with make_server(clock=lambda: now[0]) as running:
+    clock = ManualClock(datetime(2026, 1, 31, 23, 59, tzinfo=UTC).timestamp())
+    async with make_server(clock=clock) as running:
         api = running.api
         await api.agency("a1")
         await api.plan("a1", "p", free_voice_micros=200 * CREDIT)
@@ -171,7 +172,7 @@ async def test_free_credits_reset_at_the_period_boundary_and_purchased_stay(make
         assert (january.free_micros, january.purchased_micros) == (199 * CREDIT, 50 * CREDIT)
         assert january.period_end.ToSeconds() == int(datetime(2026, 2, 1, tzinfo=UTC).timestamp())
 
-        now[0] = datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC).timestamp()
+        await clock.advance(datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC).timestamp() - clock.now())
         february = (await api.balance("c1")).voice
         assert (february.free_micros, february.purchased_micros) == (200 * CREDIT, 50 * CREDIT)
         assert february.period_used_micros == 0

@@ -669,7 +669,7 @@ async def test_redis_key_layout(redis_store: RedisHotStore) -> None:
         f"{tag}s:s:1",
         f"{tag}live",
         f"{tag}cc:c1",
-        f"{tag}sms:m{{1}}",
+        f"{tag}sms:c1:m{{1}}",
         f"{tag}outbox",
     }
     assert outbox_type == "stream"

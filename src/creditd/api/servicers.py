@@ -30,7 +30,7 @@ from creditd.engine.context import Context
 from creditd.engine.ledger import Ledger
 from creditd.engine.messages import TERMINAL, CutoffMsg
 from creditd.engine.metering import Metering
-from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
+from creditd.errors import CreditdError, InvalidArgument
 from creditd.telemetry import Telemetry, deny_reason_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -81,13 +81,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         direction = _enum(request.direction, Direction, "direction", "DIRECTION_INBOUND or DIRECTION_OUTBOUND")
         validation.require_id(request.client_id, "client_id")
         principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
-        run = self.metering.runs.get(request.session_id)
-        if run is not None and run.client_id != request.client_id:
-            # Live sessions of this replica are found by session_id alone: another tenant's
-            # call with the same id must neither replace nor reach it.
-            raise FailedPrecondition(
-                "session_id was already used for another session", "SESSION_ID_REUSED", session_id=request.session_id
-            )
         provider = request.provider.strip().lower()
         if provider:
             validation.voice_rates({provider: 0}, "provider")
@@ -129,24 +122,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                         if logs.session_id.get() is None:
                             logs.session_id.set(str(getattr(request, "session_id", ""))[:64] or None)
                     await stream.handle(request)
-                if not stream.finished:
-                    # The caller closed its side without SessionEnd: nothing more will come,
-                    # so end the call rather than hold it open (a voice session stays
-                    # resumable for the grace period).
-                    started = stream.voice is not None or stream.sms is not None
-                    stream.out.put_nowait(
-                        FailedPrecondition(
-                            "the stream was closed without SessionEnd",
-                            "STREAM_NOT_ENDED" if started else "STREAM_NOT_STARTED",
-                        )
-                    )
+                    if stream.finished:
+                        return  # ended: the stream closes once its last message is out
+                stream.half_closed()
             except CreditdError as exc:
-                stream.out.put_nowait(exc)
+                stream.out.put(exc)
             except Exception as exc:  # the caller went away or sent garbage
                 if not isinstance(exc, asyncio.CancelledError | grpc.aio.AioRpcError):
-                    stream.out.put_nowait(CreditdError(str(exc) or "stream failed"))
-            finally:
-                stream.close()
+                    stream.out.put(CreditdError(str(exc) or "stream failed"))
 
         reader = asyncio.create_task(read())
         try:

@@ -19,6 +19,10 @@ class LocalBus:
         self._subscribers: list[tuple[Callable[[str], bool], asyncio.Queue[str]]] = []
 
     async def publish(self, channel: str) -> None:
+        self.notify(channel)
+
+    def notify(self, channel: str) -> None:
+        """Publish without waiting (from timers and other code that cannot await)."""
         self.deliver(channel)
 
     def deliver(self, channel: str) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from creditd.config import Settings
 from creditd.db import Database
 from creditd.domain.accounts import Account, Plan
 from creditd.engine.bus import LocalBus
+from creditd.engine.clock import Clock, RealClock
 from creditd.engine.health import Status
 from creditd.errors import NotFound
 from creditd.store.base import HotStore
@@ -91,8 +90,8 @@ class Context:
     store: HotStore
     db: Database
     bus: LocalBus
-    # Wall clock of billing periods and timestamps; timers use the event loop's clock.
-    clock: Callable[[], float] = time.time
+    # Wall clock of billing periods and timestamps, and the timers of live sessions.
+    clock: Clock = field(default_factory=RealClock)
     catalog: Catalog = field(init=False)
     status: Status = field(init=False)
 
@@ -101,4 +100,4 @@ class Context:
         self.status = Status()
 
     def now(self) -> float:
-        return self.clock()
+        return self.clock.now()

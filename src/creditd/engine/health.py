@@ -9,11 +9,11 @@ renewing while the hot store answers and the write-behind is no more than
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from creditd.engine.clock import Clock, Periodic
 from creditd.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Monitor:
 
     def __init__(
         self,
+        clock: Clock,
         status: Status,
         ping_store: Callable[[], Awaitable[bool | None]],
         ping_db: Callable[[], Awaitable[None]],
@@ -57,23 +58,22 @@ class Monitor:
         on_store_lost: Callable[[], Awaitable[None]],
         interval: float = 1.0,
     ) -> None:
+        self.clock = clock
         self.status = status
         self._ping_store = ping_store
         self._ping_db = ping_db
         self._on_change = on_change
         self._on_store_lost = on_store_lost
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._periodic: Periodic | None = None
         self._slow = {"store": 0, "database": 0}  # unanswered pings in a row
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-monitor")
+        self._periodic = self.clock.every(self._interval, self.check, "health-monitor")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._periodic is not None:
+            await self._periodic.stop()
 
     async def check(self) -> None:
         before = self.status.serving
@@ -117,14 +117,3 @@ class Monitor:
         session for it would be a self-inflicted outage; a refused connection counts at once."""
         self._slow[store] += 1
         return self._slow[store] >= SLOW_PINGS
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                log.exception("health check failed")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # wait_for may have swallowed a cancel
-                raise asyncio.CancelledError
-            await asyncio.sleep(self._interval)

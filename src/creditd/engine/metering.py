@@ -11,9 +11,9 @@ from creditd.domain.money import MAX_SEGMENTS, MAX_SESSION_SECONDS
 from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, new_id
 from creditd.domain.tariff import Tariff
 from creditd.engine import validation
+from creditd.engine.clock import Periodic
 from creditd.engine.context import Context
 from creditd.engine.messages import (
-    TERMINAL,
     AuthorizeResult,
     CutoffMsg,
     End,
@@ -26,7 +26,7 @@ from creditd.engine.messages import (
     Usage,
 )
 from creditd.engine.pricing import parties
-from creditd.engine.voice import VoiceRun
+from creditd.engine.voice import Outbox, VoiceEngine, VoiceSession
 from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument
 from creditd.store.base import (
     Payer,
@@ -44,27 +44,25 @@ SWEEP_INTERVAL_SECONDS = 2.0
 class Metering:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.runs: dict[str, VoiceRun] = {}
+        self.voice = VoiceEngine(ctx)
         self.sms_streams: set[UsageStream] = set()
         self._watcher: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._run_ended = asyncio.Event()
+        self._sweeper: Periodic | None = None
 
     async def start(self) -> None:
         ready = asyncio.Event()
         self._watcher = asyncio.create_task(self._watch(ready), name="metering-watch")
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="metering-sweep")
+        self._sweeper = self.ctx.clock.every(SWEEP_INTERVAL_SECONDS, self._sweep_quietly, "metering-sweep")
         await ready.wait()
 
     async def close(self) -> None:
-        for task in (self._watcher, self._sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        for run in list(self.runs.values()):
-            await run.cancel()
-        self.runs.clear()
+        if self._sweeper is not None:
+            await self._sweeper.stop()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.voice.close()
 
     # -- Authorize ---------------------------------------------------------------------
 
@@ -84,6 +82,11 @@ class Metering:
         if channel is Channel.SMS:
             return await self._authorize_sms(party, direction, country, quantity)
         validation.require_text(session_id, "session_id")
+        live = self.voice.get(party.agency_id, session_id)
+        if live is not None and live.client_id != client_id:
+            raise FailedPrecondition(
+                "session_id was already used for another session", "SESSION_ID_REUSED", session_id=session_id
+            )
         if not party.subscription_active(direction):
             existing = await self.ctx.store.session(party.agency_id, session_id)
             if existing is not None:  # a retry of an authorization given before the change
@@ -122,22 +125,21 @@ class Metering:
         if result.concurrency_denied:
             return AuthorizeResult(False, DenyReason.CONCURRENCY_LIMIT_REACHED)
         if result.granted_seconds <= 0:
-            await self.ctx.bus.publish("events")
             return AuthorizeResult(False, party.deny_reason(result.limited_by))
-        self.runs[session_id] = VoiceRun(
-            self.ctx,
-            session_id,
-            client_id,
-            party.agency_id,
-            direction,
-            provider,
-            tariffs,
-            result.total_granted_seconds,
-            expires_at,
-            self._forget,
+        self.voice.authorized(
+            VoiceSession(
+                session_id,
+                client_id,
+                party.agency_id,
+                direction,
+                provider,
+                tariffs,
+                result.total_granted_seconds,
+                expires_at,
+            )
         )
         for account_id in tariffs:
-            await self.ctx.bus.publish(f"balance:{account_id}")
+            self.ctx.bus.notify(f"balance:{account_id}")
         headroom = MAX_SESSION_SECONDS if result.headroom_seconds is None else result.headroom_seconds
         return AuthorizeResult(True, DenyReason.NONE, result.granted_seconds, headroom, expires_at)
 
@@ -161,8 +163,8 @@ class Metering:
                 "the session is already settled", "SESSION_SETTLED", session_id=existing.session_id
             )
         max_seconds = existing.granted_seconds + await self._headroom_seconds(party, provider)
-        run = self.runs.get(existing.session_id)
-        expires_at = run.authorize_expires_at if run is not None else existing.expires_at
+        session = self.voice.get(existing.agency_id, existing.session_id)
+        expires_at = session.authorized_until if session is not None else existing.expires_at
         return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, expires_at)
 
     async def _headroom_seconds(self, party: Parties, provider: str) -> int:
@@ -193,29 +195,16 @@ class Metering:
 
     async def drain(self, deadline: float) -> None:
         """Let live calls end by themselves until `deadline` (loop time), then cut them."""
-        await self._runs_ended(deadline - asyncio.get_running_loop().time())
-        for run in list(self.runs.values()):
-            run.interrupt(DenyReason.SERVICE_UNAVAILABLE)
+        await self.voice.wait_until_empty(deadline - asyncio.get_running_loop().time())
+        for session in list(self.voice.sessions.values()):
+            self.voice.interrupt(session, DenyReason.SERVICE_UNAVAILABLE)
         for stream in list(self.sms_streams):
             await stream.cut(DenyReason.SERVICE_UNAVAILABLE)
-        await self._runs_ended(None)
-
-    async def _runs_ended(self, within: float | None) -> None:
-        async def ended() -> None:
-            while self.runs:
-                self._run_ended.clear()
-                await self._run_ended.wait()
-
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ended(), None if within is None else max(0.0, within))
+        await self.voice.wait_until_empty(None)
 
     def _lease_margin(self) -> float:
         settings = self.ctx.settings
         return settings.slice_seconds + settings.grace_seconds
-
-    def _forget(self, run: VoiceRun) -> None:
-        self.runs.pop(run.session_id, None)
-        self._run_ended.set()
 
     # -- reacting to operators and payments --------------------------------------------
 
@@ -238,23 +227,26 @@ class Metering:
             agency_id, _, plan_id = account_id.partition(":")
             self.ctx.catalog.forget_plan(agency_id, plan_id)
             return
+        voice = self.voice
         if kind == "credit":
-            for run in list(self.runs.values()):
-                if account_id in run.payer_ids:
-                    run.credit_arrived()
+            for session in list(voice.sessions.values()):
+                if account_id in session.tariffs:
+                    voice.credit_arrived(session)
             return
         self.ctx.catalog.forget(account_id)
-        for run in [r for r in self.runs.values() if account_id in (r.client_id, r.agency_id)]:
-            party = await parties(self.ctx, run.client_id)
-            if not party.subscription_active(run.direction):
-                run.interrupt(DenyReason.SUBSCRIPTION_INACTIVE)
+        for session in [s for s in voice.sessions.values() if account_id in (s.client_id, s.agency_id)]:
+            party = await parties(self.ctx, session.client_id)
+            if not party.subscription_active(session.direction):
+                voice.interrupt(session, DenyReason.SUBSCRIPTION_INACTIVE)
                 continue
-            wallet = await self.ctx.store.read_wallet(run.agency_id, run.client_id, BalanceType.VOICE, self.ctx.now())
+            wallet = await self.ctx.store.read_wallet(
+                session.agency_id, session.client_id, BalanceType.VOICE, self.ctx.now()
+            )
             limit_left = wallet.limit_available() if wallet else None
             if limit_left is not None and limit_left < 0:
-                run.interrupt(DenyReason.USAGE_LIMIT_REACHED)
+                voice.interrupt(session, DenyReason.USAGE_LIMIT_REACHED)
             else:
-                run.credit_arrived()  # a raised limit or a re-activation may allow renewal again
+                voice.credit_arrived(session)  # a raised limit or a re-activation may allow renewal again
         for stream in list(self.sms_streams):
             if stream.sms is not None and account_id in (stream.sms.client_id, stream.sms.agency_id):
                 party = await parties(self.ctx, stream.sms.client_id)
@@ -269,8 +261,9 @@ class Metering:
         now = self.ctx.now()
         settled = 0
         for agency_id in self.ctx.catalog.agency_ids():
-            for state in await self.ctx.store.live_sessions(agency_id, skip=set(self.runs)):
-                if state.session_id in self.runs or state.expires_at >= now or state.channel != Channel.VOICE:
+            mine = {session_id for agency, session_id in self.voice.sessions if agency == agency_id}
+            for state in await self.ctx.store.live_sessions(agency_id, skip=mine):
+                if state.session_id in mine or state.expires_at >= now or state.channel != Channel.VOICE:
                     continue
                 result = await self.ctx.store.settle(
                     SettleRequest(
@@ -285,13 +278,11 @@ class Metering:
                 settled += not result.already_settled
         return settled
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
-            try:
-                await self.sweep()
-            except Exception as exc:  # the store is away: the next sweep tries again
-                log.warning("sweeping expired sessions failed: %s", exc)
+    async def _sweep_quietly(self) -> None:
+        try:
+            await self.sweep()
+        except CreditdError as exc:  # the store is away: the next sweep tries again
+            log.warning("sweeping expired sessions failed: %s", exc)
 
     def open_stream(self) -> UsageStream:
         return UsageStream(self)
@@ -315,10 +306,10 @@ class UsageStream:
     def __init__(self, metering: Metering) -> None:
         self.metering = metering
         self.ctx = metering.ctx
-        self.out: asyncio.Queue[Message | CreditdError] = asyncio.Queue()
-        self.voice: VoiceRun | None = None
+        self.out = Outbox()
+        self.voice: VoiceSession | None = None
         self.sms: SmsSession | None = None
-        self.finished = False
+        self.finished = False  # SessionEnd received, or the session ended
 
     async def handle(self, request: Request) -> None:
         if self.finished:
@@ -331,7 +322,7 @@ class UsageStream:
             if self.voice is None:
                 raise InvalidArgument("usage reports belong to voice streams", "usage")
             _require_seconds(request.seconds_used)
-            self.voice.report(request.seconds_used)
+            self.metering.voice.report(self.voice, request.seconds_used)
         elif isinstance(request, Sms):
             await self._sms(request)
         elif isinstance(request, End):
@@ -353,8 +344,8 @@ class UsageStream:
             return
         if start.channel != Channel.VOICE:
             raise InvalidArgument("start.channel must be CHANNEL_VOICE or CHANNEL_SMS", "start.channel")
-        run = self.metering.runs.get(start.session_id)
-        if run is None:
+        session = self.metering.voice.get(party.agency_id, start.session_id)
+        if session is None:
             state = await self.ctx.store.session(party.agency_id, start.session_id)
             if state is None or state.client_id != start.client_id:
                 raise FailedPrecondition(
@@ -368,14 +359,14 @@ class UsageStream:
             raise FailedPrecondition(
                 "the session is live on another server", "SESSION_NOT_HERE", session_id=start.session_id
             )
-        if run.client_id != start.client_id:
+        if session.client_id != start.client_id:
             raise FailedPrecondition(
                 "call Authorize for this session_id first",
                 "SESSION_NOT_AUTHORIZED",
                 session_id=start.session_id,
             )
-        self.voice = run
-        run.attach(self.out)
+        self.voice = session
+        self.metering.voice.attach(session, self.out)
 
     async def _sms(self, sms: Sms) -> None:
         session = self.sms
@@ -401,9 +392,8 @@ class UsageStream:
             )
         )
         for account_id in (session.client_id, session.agency_id):
-            await self.ctx.bus.publish(f"balance:{account_id}")
+            self.ctx.bus.notify(f"balance:{account_id}")
         if not result.allowed:
-            await self.ctx.bus.publish("events")
             await self.cut(party.deny_reason(result.limited_by), sms.message_id)
             return
         payer = session.client_id if party.client.has_wallet else session.agency_id
@@ -413,15 +403,12 @@ class UsageStream:
                 session.sent += 1
                 for account_id, micros in result.charged.items():
                     session.charged[account_id] = session.charged.get(account_id, 0) + micros
-        self.out.put_nowait(SmsResultMsg(sms.message_id, True, 0, result.charged.get(payer, 0)))
+        self.out.put(SmsResultMsg(sms.message_id, True, 0, result.charged.get(payer, 0)))
 
     async def cut(self, reason: DenyReason, message_id: str = "") -> None:
         if self.finished or self.sms is None:
             return
-        if message_id:
-            self.sms.denied += 1
-            self.out.put_nowait(SmsResultMsg(message_id, False, int(reason), 0))
-        self._finish(CutoffMsg(int(reason), 0))
+        self.finished = True
         event = EventRecord(
             event_id=new_id(),
             account_id=self.sms.client_id,
@@ -432,15 +419,24 @@ class UsageStream:
             reason=int(reason),
             attributes={"message_id": message_id} if message_id else {},
         )
+        # Recorded before the stream learns of the cut: the stream ends (and this task with
+        # it) as soon as the Cutoff is sent.
         with contextlib.suppress(CreditdError):  # the stream is cut either way
             await self.ctx.store.append_records(self.sms.agency_id, [event])
+        if message_id:
+            self.sms.denied += 1
+            self.out.put(SmsResultMsg(message_id, False, int(reason), 0))
+        self._finish(CutoffMsg(int(reason), 0))
 
     async def _end(self, end: End) -> None:
         _require_seconds(end.seconds_used)
         if self.voice is not None:
-            final = await self.voice.end(end.seconds_used)
-            self.finished = isinstance(final, TERMINAL)
+            self.metering.voice.end(self.voice, end.seconds_used)
+            self.finished = True
             return
+        self._end_sms()
+
+    def _end_sms(self) -> None:
         assert self.sms is not None
         session = self.sms
         self._finish(
@@ -453,16 +449,32 @@ class UsageStream:
             )
         )
 
+    def half_closed(self) -> None:
+        """The caller closed its side of the stream without SessionEnd. For an SMS sender that
+        is a normal end; a voice call stays resumable for the grace period."""
+        if self.finished:
+            return
+        if self.sms is not None:
+            self._end_sms()
+            return
+        started = self.voice is not None
+        self.out.put(
+            FailedPrecondition(
+                "the stream was closed without SessionEnd",
+                "STREAM_NOT_ENDED" if started else "STREAM_NOT_STARTED",
+            )
+        )
+
     def _finish(self, final: Message) -> None:
         self.finished = True
         self.metering.sms_streams.discard(self)
-        self.out.put_nowait(final)
+        self.out.put(final)
 
     def close(self) -> None:
         """The caller went away: a voice session waits for a resume, an SMS session just ends."""
         self.metering.sms_streams.discard(self)
         if self.voice is not None:
-            self.voice.detach(self.out)
+            self.metering.voice.detach(self.voice, self.out)
 
 
 def _require_seconds(seconds: int) -> None:

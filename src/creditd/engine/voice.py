@@ -1,35 +1,107 @@
-"""A live voice session: slices reserved ahead of need, a warning, a cutoff on time.
+"""Live voice sessions: slices reserved ahead of need, a warning, a cutoff on time.
 
-The server's own timer drives it. A slice is renewed `renewal_lead` seconds before the
-grant runs out; when nothing more can be reserved the grant in hand is final: the worker
-gets a LowCreditWarning `warning_seconds` before its end and a Cutoff at its exact end.
+Every voice session of this process is a small record (`VoiceSession`) with one entry in
+the process's timer heap (`Scheduler`); no task, lock or queue is kept per call. When a
+session's deadline comes, `VoiceEngine` decides what it is for:
+
+- AUTHORIZED (Authorize answered, no stream yet): at `authorized_until` the reservation is
+  released (settled at 0 s, SESSION_ABANDONED).
+- LIVE: `renewal_lead` seconds before the grant ends, one more slice is reserved on every
+  payer. When nothing more can be reserved the grant in hand is final: the worker gets a
+  LowCreditWarning `warning_seconds` before its end and a Cutoff at its exact end. A stream
+  that drops leaves the session resumable until the grace period ends; then it is settled
+  as used until then (or until the grant's end, if that comes first).
+- SETTLING: the settlement is in flight (or waits for the store to answer again).
+
+The renewals and settlements that come due in one turn of the event loop go to the store
+as one batch. A cutoff is sent the moment the grant ends, before its settlement has been
+written: what it bills is already decided (everything granted), so the call stops on time
+even when the store is slow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import enum
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Coroutine
+from typing import Any
 
-from creditd.domain.accounts import Direction
+from creditd.domain.accounts import Direction, Parties
 from creditd.domain.records import BalanceType, DenyReason
 from creditd.domain.tariff import Tariff
 from creditd.engine.context import Context
 from creditd.engine.messages import CutoffMsg, GrantMsg, Message, SummaryMsg, WarningMsg
 from creditd.engine.pricing import parties
+from creditd.engine.scheduler import Scheduled, Scheduler
 from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument, NotFound, StoreUnavailable
-from creditd.store.base import Payer, ReserveRequest, SettleRequest, SettleResult
+from creditd.store.base import Payer, ReserveRequest, ReserveResult, SettleRequest, SettleResult
 
 log = logging.getLogger(__name__)
-UNAVAILABLE_RETRY_SECONDS = 0.5
+RETRY_SECONDS = 0.5  # a store that did not answer is asked again this much later
+_EARLY = 0.001  # a timer may fire this much before its deadline (clock conversions)
 
 
-class VoiceRun:
+class State(enum.IntEnum):
+    AUTHORIZED = 1
+    LIVE = 2
+    SETTLING = 3
+    SETTLED = 4
+
+
+class Outbox:
+    """Messages on their way to one stream's caller (a voice or an SMS session's)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Message | CreditdError] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Message | CreditdError) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Message | CreditdError:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class VoiceSession:
+    __slots__ = (
+        "agency_id",
+        "authorized_until",
+        "busy",
+        "client_id",
+        "detached_until",
+        "direction",
+        "exhausted",
+        "final",
+        "granted",
+        "last_reported",
+        "provider",
+        "retry_at",
+        "session_id",
+        "started_at",
+        "state",
+        "stop_reason",
+        "stop_seconds",
+        "stream",
+        "tariffs",
+        "timer_gen",
+        "warned",
+    )
+
     def __init__(
         self,
-        ctx: Context,
         session_id: str,
         client_id: str,
         agency_id: str,
@@ -37,279 +109,436 @@ class VoiceRun:
         provider: str,
         tariffs: dict[str, Tariff],
         granted: int,
-        expires_at: float,
-        on_done: Callable[[VoiceRun], None],
+        authorized_until: float,
     ) -> None:
-        self.ctx = ctx
         self.session_id = session_id
         self.client_id = client_id
         self.agency_id = agency_id
         self.direction = direction
         self.provider = provider
-        self.tariffs = tariffs
-        self.granted = granted
-        self.authorize_expires_at = expires_at
-        self._on_done = on_done
-        self.started: float | None = None  # loop time of SessionStart
+        self.tariffs = tariffs  # payer account id -> what it owes, by cumulative second
+        self.granted = granted  # cumulative seconds reserved on every payer
+        self.authorized_until = authorized_until  # wall time the authorization is released
+        self.state = State.AUTHORIZED
+        self.started_at = 0.0  # wall time of the first SessionStart
         self.exhausted = DenyReason.NONE  # why nothing more can be reserved, for now
+        self.retry_at = 0.0  # no renewal before this (the store did not answer)
         self.warned = False
         self.last_reported = 0
+        self.stream: Outbox | None = None
+        self.detached_until: float | None = None  # the stream dropped: resumable until then
+        self.busy = False  # a reservation or settlement is in flight
+        self.stop_reason: DenyReason | None = None  # set once the session is to be settled
+        self.stop_seconds = 0  # SessionEnd: the seconds used; a cutoff: the seconds billed
         self.final: Message | None = None
-        self._out: asyncio.Queue[Message | CreditdError] | None = None
-        self._detached_until: float | None = None
-        self._wakeup = asyncio.Event()
-        self._stop_lock = asyncio.Lock()
-        self._interrupt: tuple[DenyReason, int] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name=f"voice:{session_id}")
+        self.timer_gen = 0
 
     @property
-    def payer_ids(self) -> list[str]:
-        return list(self.tariffs)
+    def key(self) -> tuple[str, str]:
+        return (self.agency_id, self.session_id)
 
-    # -- stream side -------------------------------------------------------------------
+    @property
+    def grant_end(self) -> float:
+        return self.started_at + self.granted
 
-    def attach(self, out: asyncio.Queue[Message | CreditdError]) -> None:
-        """Called on SessionStart: starts the call, or resumes it on a new stream."""
-        if self.final is not None:
-            out.put_nowait(self.final)
+    def elapsed_seconds(self, now: float) -> int:
+        """Seconds of talk so far, per started second, never beyond the grant."""
+        if self.state is State.AUTHORIZED:
+            return 0
+        return min(self.granted, max(0, math.ceil(now - self.started_at)))
+
+    def grant(self) -> GrantMsg:
+        return GrantMsg(self.granted, self.grant_end)
+
+    def send(self, message: Message | CreditdError) -> None:
+        if self.stream is not None:
+            self.stream.put(message)
+
+
+class VoiceEngine:
+    """The voice sessions of this process and the one timer heap that drives them."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.sessions: dict[tuple[str, str], VoiceSession] = {}
+        self.scheduler = Scheduler(ctx.clock, self._due)
+        self._to_renew: list[VoiceSession] = []
+        self._to_settle: list[VoiceSession] = []
+        self._flush_pending = False
+        self._work: set[asyncio.Task[None]] = set()  # batches in flight
+        self._closed = False
+        self._ended = asyncio.Event()  # set whenever a session leaves `sessions`
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, agency_id: str, session_id: str) -> VoiceSession | None:
+        return self.sessions.get((agency_id, session_id))
+
+    # -- from Authorize and the streams ------------------------------------------------
+
+    def authorized(self, session: VoiceSession) -> None:
+        self.sessions[session.key] = session
+        self.scheduler.schedule(session, session.authorized_until)
+
+    def attach(self, session: VoiceSession, stream: Outbox) -> None:
+        """SessionStart: the call is answered, or resumed on a new stream."""
+        if session.final is not None:
+            stream.put(session.final)
             return
-        if self._out is not None and self._out is not out:
-            self._out.put_nowait(
+        if session.stop_reason is not None:  # being settled: the final message follows
+            session.stream = stream
+            return
+        if session.stream is not None and session.stream is not stream:
+            session.stream.put(
                 FailedPrecondition("the session was resumed on another stream", "SESSION_RESUMED_ELSEWHERE")
             )
-        self._out = out
-        self._detached_until = None
-        if self.started is None:
-            self.started = self._loop.time()
-        out.put_nowait(self._grant())
-        self._wakeup.set()
+        session.stream = stream
+        session.detached_until = None
+        if session.state is State.AUTHORIZED:
+            session.state = State.LIVE
+            session.started_at = self.ctx.now()
+        stream.put(session.grant())
+        self._reschedule(session)
 
-    def detach(self, out: asyncio.Queue[Message | CreditdError]) -> None:
+    def detach(self, session: VoiceSession, stream: Outbox) -> None:
         """The stream ended without SessionEnd: hold the session for the grace period."""
-        if self._out is out and self.final is None:
-            self._out = None
-            self._detached_until = self._loop.time() + self.ctx.settings.grace_seconds
-            self._wakeup.set()
+        if session.stream is stream:
+            session.stream = None
+            if session.state is State.LIVE and session.stop_reason is None:
+                session.detached_until = self.ctx.now() + self.ctx.settings.grace_seconds
+                self._reschedule(session)
 
-    def report(self, seconds_used: int) -> None:
-        if seconds_used < self.last_reported:
-            raise _decreasing(seconds_used, self.last_reported)
-        self.last_reported = seconds_used
-        if self.exhausted is DenyReason.NONE and seconds_used >= self.granted - self.ctx.settings.renewal_lead_seconds:
-            self._wakeup.set()
+    def report(self, session: VoiceSession, seconds_used: int) -> None:
+        if seconds_used < session.last_reported:
+            raise _decreasing(seconds_used, session.last_reported)
+        session.last_reported = seconds_used
 
-    async def end(self, seconds_used: int) -> Message:
-        if seconds_used < self.last_reported:
-            raise _decreasing(seconds_used, self.last_reported)
-        return await self._stop(DenyReason.NONE, lambda: min(seconds_used, self.granted))
+    def end(self, session: VoiceSession, seconds_used: int) -> None:
+        """SessionEnd: bill the seconds used (never more than granted); a Summary follows."""
+        if seconds_used < session.last_reported:
+            raise _decreasing(seconds_used, session.last_reported)
+        session.last_reported = seconds_used
+        self._stop(session, DenyReason.NONE, seconds_used)
 
-    def interrupt(self, reason: DenyReason) -> None:
+    def interrupt(self, session: VoiceSession, reason: DenyReason) -> None:
         """Cut the call now (an operator suspended a subscription or lowered a limit)."""
-        if self.final is None and self._interrupt is None:
-            self._interrupt = (reason, self._elapsed_seconds())
-            self._wakeup.set()
+        self._stop(session, reason, session.elapsed_seconds(self.ctx.now()))
 
-    def credit_arrived(self) -> None:
-        """A payer was credited: a call living on its final grant may renew again."""
-        if self.exhausted in (
+    def credit_arrived(self, session: VoiceSession) -> None:
+        """A payer was credited (or a limit raised): a call on its final grant may renew."""
+        if session.exhausted in (
             DenyReason.CLIENT_CREDITS_EXHAUSTED,
             DenyReason.AGENCY_CREDITS_EXHAUSTED,
             DenyReason.USAGE_LIMIT_REACHED,
+            DenyReason.SUBSCRIPTION_INACTIVE,
         ):
-            self.exhausted = DenyReason.NONE
-            self._wakeup.set()
+            session.exhausted = DenyReason.NONE
+            self._reschedule(session)
 
-    # -- timer side --------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------
 
-    def _elapsed(self) -> float:
-        return 0.0 if self.started is None else self._loop.time() - self.started
+    def _reschedule(self, session: VoiceSession) -> None:
+        if session.busy or session.state is State.SETTLED or self._closed:
+            return
+        when = self._next_deadline(session)
+        if when is None:
+            self.scheduler.cancel(session)
+        else:
+            self.scheduler.schedule(session, when)
 
-    def _elapsed_seconds(self) -> int:
-        return min(self.granted, math.ceil(self._elapsed()))
-
-    def _grant(self) -> GrantMsg:
-        return GrantMsg(self.granted, self.ctx.now() + (self.granted - self._elapsed()))
-
-    def _send(self, message: Message) -> None:
-        if self._out is not None:
-            self._out.put_nowait(message)
-
-    async def _run(self) -> None:
+    def _next_deadline(self, session: VoiceSession) -> float | None:
         settings = self.ctx.settings
-        try:
-            while self.final is None:
-                self._wakeup.clear()
-                if self._interrupt is not None:
-                    await self._stop(*self._interrupt)
-                    return
-                if self.started is None:  # authorized, not answered yet
-                    wait = self.authorize_expires_at - self.ctx.now()
-                    if wait <= 0:
-                        await self._stop(DenyReason.SESSION_ABANDONED, 0)
-                        return
-                    await self._sleep(wait)
-                    continue
-                now = self._loop.time()
-                if self._detached_until is not None and now >= self._detached_until:
-                    await self._stop(DenyReason.SESSION_ABANDONED, self._elapsed_seconds())
-                    return
-                remaining = self.granted - self._elapsed()
-                if remaining <= 0:
-                    reason = self.exhausted or DenyReason.SERVICE_UNAVAILABLE
-                    if self._detached_until is not None:
+        if session.state is State.AUTHORIZED:
+            return session.authorized_until
+        if session.state is not State.LIVE:
+            return None
+        end = session.grant_end
+        when = end
+        if self._renewing(session):
+            when = min(when, max(end - settings.renewal_lead_seconds, session.retry_at))
+        if not session.warned and (not self._renewing(session) or session.retry_at):
+            when = min(when, end - settings.warning_seconds)
+        if session.detached_until is not None:
+            when = min(when, session.detached_until)
+        return when
+
+    @staticmethod
+    def _renewing(session: VoiceSession) -> bool:
+        return session.exhausted is DenyReason.NONE and session.detached_until is None
+
+    def _due(self, due: list[Scheduled]) -> None:
+        real_now = self.ctx.now()
+        now = real_now + _EARLY
+        settings = self.ctx.settings
+        for session in due:
+            assert isinstance(session, VoiceSession)
+            if session.busy:
+                continue  # what is in flight reschedules the session when it is done
+            if session.state is State.SETTLING:
+                self._queue_settle(session)  # a settlement the store could not take yet
+            elif session.state is State.AUTHORIZED:
+                if now >= session.authorized_until:
+                    self._stop(session, DenyReason.SESSION_ABANDONED, 0)
+                else:
+                    self._reschedule(session)
+            elif session.state is State.LIVE:
+                end = session.grant_end
+                if session.detached_until is not None and now >= session.detached_until:
+                    self._stop(session, DenyReason.SESSION_ABANDONED, session.elapsed_seconds(real_now))
+                elif now >= end:
+                    reason = session.exhausted or DenyReason.SERVICE_UNAVAILABLE
+                    if session.detached_until is not None:
                         reason = DenyReason.SESSION_ABANDONED
-                    await self._stop(reason, self.granted)
-                    return
-                renewing = self.exhausted is DenyReason.NONE and self._detached_until is None
-                if renewing and remaining <= settings.renewal_lead_seconds:
-                    await self._renew()
-                    continue
-                if not renewing and not self.warned and remaining <= settings.warning_seconds:
-                    self.warned = True
-                    self._send(WarningMsg(math.ceil(remaining)))
-                    continue
-                wake = remaining
-                if renewing:
-                    wake = min(wake, remaining - settings.renewal_lead_seconds)
-                elif not self.warned:
-                    wake = min(wake, remaining - settings.warning_seconds)
-                if self.exhausted is DenyReason.SERVICE_UNAVAILABLE:
-                    wake = min(wake, UNAVAILABLE_RETRY_SECONDS)
-                if self._detached_until is not None:
-                    wake = min(wake, self._detached_until - now)
-                await self._sleep(wake)
-                if self.exhausted is DenyReason.SERVICE_UNAVAILABLE:
-                    self.exhausted = DenyReason.NONE
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must not leave the session unsettled
-            log.exception("voice session %s failed; settling it", self.session_id)
-            await self._stop(DenyReason.SERVICE_UNAVAILABLE, self._elapsed_seconds())
+                    self._stop(session, reason, session.granted)
+                elif self._renewing(session) and now >= max(end - settings.renewal_lead_seconds, session.retry_at):
+                    session.busy = True
+                    self._to_renew.append(session)
+                    self._flush_soon()
+                else:
+                    final = not self._renewing(session) or session.retry_at > real_now
+                    if final and not session.warned and now >= end - settings.warning_seconds:
+                        session.warned = True
+                        session.send(WarningMsg(max(0, math.ceil(end - real_now))))
+                    self._reschedule(session)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), max(0.0, seconds))
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():  # Python 3.11's wait_for can swallow a cancel
-            raise asyncio.CancelledError
+    def _flush_soon(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _renew(self) -> None:
-        # Under the settlement lock: a SessionEnd arriving meanwhile settles after this
-        # renewal, against the grant the worker may already have been sent.
-        async with self._stop_lock:
-            if self.final is None:
-                await self._reserve_more()
+    def _flush(self) -> None:
+        """Hand what came due in this turn of the loop to the store, as one batch each."""
+        self._flush_pending = False
+        if self._to_renew:
+            batch, self._to_renew = self._to_renew, []
+            self._spawn(self._renew(batch), "voice-renew")
+        if self._to_settle:
+            batch, self._to_settle = self._to_settle, []
+            self._spawn(self._settle(batch), "voice-settle")
 
-    async def _reserve_more(self) -> None:
-        if not self.ctx.status.can_renew():
-            self.exhausted = DenyReason.SERVICE_UNAVAILABLE
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:
+            work.close()
+            return
+        task = self.ctx.clock.spawn(work, name)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    # -- renewal -----------------------------------------------------------------------
+
+    async def _renew(self, batch: list[VoiceSession]) -> None:
+        sessions: list[tuple[VoiceSession, Parties]] = []
+        requests: list[ReserveRequest] = []
+        for session in batch:
+            try:
+                prepared = await self._renewal_request(session)
+            except Exception as exc:  # the catalog is away, or a bug: try again shortly
+                log.warning("renewal of %s failed: %s", session.session_id, exc)
+                self._renewed(session, None, DenyReason.SERVICE_UNAVAILABLE)
+                continue
+            if isinstance(prepared, DenyReason):
+                self._renewed(session, None, prepared)
+            else:
+                sessions.append((session, prepared[1]))
+                requests.append(prepared[0])
+        if not requests:
             return
         try:
-            party = await parties(self.ctx, self.client_id)
-            if not party.subscription_active(self.direction):
-                self.exhausted = DenyReason.SUBSCRIPTION_INACTIVE
-                return
-            for account_id, rate in party.voice_rates(self.provider).items():
-                self.tariffs[account_id].price_from(self.granted, rate)
-            result = await self.ctx.store.reserve(
-                ReserveRequest(
-                    session_id=self.session_id,
-                    agency_id=self.agency_id,
-                    balance_type=BalanceType.VOICE,
-                    want_seconds=self.ctx.settings.slice_seconds,
-                    payers=tuple(Payer(a, t.terms(self.granted)) for a, t in self.tariffs.items()),
-                    now=self.ctx.now(),
-                    lease_until=self.ctx.now() + 2 * self.ctx.settings.slice_seconds + self.ctx.settings.grace_seconds,
+            results = await self.ctx.store.reserve_many(requests)
+        except Exception as exc:
+            log.warning("renewals failed: %s", exc)
+            results = [StoreUnavailable(str(exc))] * len(requests)
+        for (session, party), request, result in zip(sessions, requests, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("renewal of %s failed: %s", session.session_id, result)
+                self._renewed(session, None, DenyReason.SERVICE_UNAVAILABLE)
+            elif result.granted_seconds < request.want_seconds:
+                self._renewed(session, result, party.deny_reason(result.limited_by) or DenyReason.SERVICE_UNAVAILABLE)
+            else:
+                self._renewed(session, result, None)
+
+    async def _renewal_request(self, session: VoiceSession) -> tuple[ReserveRequest, Parties] | DenyReason:
+        ctx = self.ctx
+        if not ctx.status.can_renew():
+            return DenyReason.SERVICE_UNAVAILABLE
+        party = await parties(ctx, session.client_id)
+        if not party.subscription_active(session.direction):
+            return DenyReason.SUBSCRIPTION_INACTIVE
+        for account_id, rate in party.voice_rates(session.provider).items():
+            session.tariffs[account_id].price_from(session.granted, rate)
+        now = ctx.now()
+        settings = ctx.settings
+        request = ReserveRequest(
+            session_id=session.session_id,
+            agency_id=session.agency_id,
+            balance_type=BalanceType.VOICE,
+            want_seconds=settings.slice_seconds,
+            payers=tuple(Payer(a, t.terms(session.granted)) for a, t in session.tariffs.items()),
+            now=now,
+            lease_until=now + 2 * settings.slice_seconds + settings.grace_seconds,
+        )
+        return request, party
+
+    def _renewed(self, session: VoiceSession, result: ReserveResult | None, exhausted: DenyReason | None) -> None:
+        session.busy = False
+        if result is not None and result.granted_seconds > 0:
+            session.granted = result.total_granted_seconds
+            session.warned = False
+            session.send(session.grant())
+            self._balance_changed(session)
+        if exhausted is DenyReason.SERVICE_UNAVAILABLE:
+            # Not final: ask again a little later, while the grant lasts.
+            session.retry_at = self.ctx.now() + RETRY_SECONDS
+        else:
+            session.retry_at = 0.0
+            if exhausted is not None:
+                session.exhausted = exhausted
+        self._after_operation(session)
+
+    # -- settlement --------------------------------------------------------------------
+
+    def _stop(self, session: VoiceSession, reason: DenyReason, seconds: int) -> None:
+        """Settle the session exactly once: with `reason` NONE on SessionEnd (`seconds` used,
+        billed up to the grant), otherwise as a cutoff billing `seconds`."""
+        if session.stop_reason is not None:
+            return
+        session.stop_reason = reason
+        session.stop_seconds = seconds
+        if reason is not DenyReason.NONE and session.state is State.LIVE:
+            # The call stops now; what it bills is decided, its settlement may take longer.
+            session.final = CutoffMsg(int(reason), seconds)
+            session.send(session.final)
+        if not session.busy:
+            self._begin_settle(session)
+
+    def _begin_settle(self, session: VoiceSession) -> None:
+        session.state = State.SETTLING
+        self.scheduler.cancel(session)
+        self._queue_settle(session)
+
+    def _queue_settle(self, session: VoiceSession) -> None:
+        session.busy = True
+        self._to_settle.append(session)
+        self._flush_soon()
+
+    async def _settle(self, batch: list[VoiceSession]) -> None:
+        now = self.ctx.now()
+        requests = []
+        for session in batch:
+            billed = session.stop_seconds
+            if session.stop_reason is DenyReason.NONE:
+                billed = min(billed, session.granted)
+            requests.append(
+                SettleRequest(
+                    session_id=session.session_id,
+                    agency_id=session.agency_id,
+                    billed_seconds=billed,
+                    costs={a: t.cost(billed) for a, t in session.tariffs.items()},
+                    now=now,
+                    cutoff_reason=int(session.stop_reason or DenyReason.NONE),
                 )
             )
-        except CreditdError as exc:
-            log.warning("renewal of %s failed: %s", self.session_id, exc)
-            self.exhausted = DenyReason.SERVICE_UNAVAILABLE
+        try:
+            results = await self.ctx.store.settle_many(requests)
+        except Exception as exc:
+            log.warning("settlements failed: %s", exc)
+            results = [StoreUnavailable(str(exc))] * len(requests)
+        lost: list[VoiceSession] = []
+        for session, result in zip(batch, results, strict=True):
+            session.busy = False
+            if isinstance(result, SettleResult):
+                self._settled(session, result)
+            elif isinstance(result, NotFound):
+                lost.append(session)
+            else:
+                if not isinstance(result, StoreUnavailable):
+                    log.error("settling %s failed: %s", session.session_id, result)
+                # The reservation stays held; asking again keeps the settlement exactly once.
+                self._retry(session)
+        if lost:
+            await self._settle_lost(lost)
+
+    async def _settle_lost(self, sessions: list[VoiceSession]) -> None:
+        """The hot store lost these sessions with everything it held (Redis came back empty).
+        The rebuild from the database restores and settles what was durable: once the store
+        is whole, a session it still does not know was never recorded, and there is no
+        reservation left to release (its usage is within the crash-loss bound)."""
+        if await self._store_whole():
+            for session in sessions:
+                log.warning("session %s was lost with the hot store's data", session.session_id)
+                self._settled(session, SettleResult(0, {}, False, int(session.stop_reason or 0)))
             return
-        if result.granted_seconds > 0:
-            self.granted = result.total_granted_seconds
-            self._send(self._grant())
-            for account_id in self.tariffs:
-                await self.ctx.bus.publish(f"balance:{account_id}")
-        if result.granted_seconds < self.ctx.settings.slice_seconds:
-            self.exhausted = party.deny_reason(result.limited_by) or DenyReason.SERVICE_UNAVAILABLE
+        for session in sessions:
+            self._retry(session)
 
-    async def _stop(self, reason: DenyReason, billed: int | Callable[[], int]) -> Message:
-        """Settle exactly once and send the final message. `billed` may be computed under the
-        settlement lock, so that it sees the last grant."""
-        async with self._stop_lock:
-            if self.final is None:
-                await self._settle(reason, billed() if callable(billed) else billed)
-        assert self.final is not None
-        current = asyncio.current_task()
-        if current is not self._task:
-            self._task.cancel()
-        return self.final
-
-    async def _settle(self, reason: DenyReason, billed: int) -> None:
-        request = SettleRequest(
-            session_id=self.session_id,
-            agency_id=self.agency_id,
-            billed_seconds=billed,
-            costs={a: t.cost(billed) for a, t in self.tariffs.items()},
-            now=self.ctx.now(),
-            cutoff_reason=int(reason),
-        )
-        announced = False
-        while True:
-            try:
-                result = await self.ctx.store.settle(request)
-                break
-            except StoreUnavailable:
-                if reason is not DenyReason.NONE and not announced:
-                    # The call must stop on time even when its settlement has to wait.
-                    self._send(CutoffMsg(int(reason), billed))
-                    announced = True
-                # The reservation stays held; retrying keeps the settlement exactly once.
-                await asyncio.sleep(UNAVAILABLE_RETRY_SECONDS)
-            except NotFound:
-                # The hot store lost the session with everything it held (Redis came back
-                # empty). The rebuild from the database restores and settles what was
-                # durable: wait until the store is whole, then ask again. A session that the
-                # whole store still does not know was never recorded: there is no
-                # reservation left to release, and its usage is within the crash-loss bound.
-                if await self._store_whole():
-                    log.warning("session %s was lost with the hot store's data", self.session_id)
-                    result = SettleResult(0, {}, False, int(reason))
-                    break
-                await asyncio.sleep(UNAVAILABLE_RETRY_SECONDS)
-        if reason is DenyReason.NONE:
-            final: Message = SummaryMsg(
-                billed_seconds=result.billed_seconds,
-                client_charged_micros=result.charged.get(self.client_id, 0),
-                agency_charged_micros=result.charged.get(self.agency_id, 0),
-            )
-        else:
-            final = CutoffMsg(int(reason), result.billed_seconds)
-        self.final = final
-        if not announced:
-            self._send(final)
-        self._out = None
-        for account_id in self.tariffs:
-            await self.ctx.bus.publish(f"balance:{account_id}")
-        if reason is not DenyReason.NONE:
-            await self.ctx.bus.publish("events")
-        self._on_done(self)
+    def _retry(self, session: VoiceSession) -> None:
+        if not self._closed:
+            self.scheduler.schedule(session, self.ctx.now() + RETRY_SECONDS)
 
     async def _store_whole(self) -> bool:
-        """The hot store answers, holds its data and is not being rebuilt."""
         try:
             intact = await self.ctx.store.ping() is not False
         except StoreUnavailable:
             return False
         return intact and self.ctx.status.store_ok
 
-    async def cancel(self) -> None:
-        """Stop the timer without settling (the process is going away; recovery settles)."""
-        while not self._task.done():
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=1.0)
+    def _settled(self, session: VoiceSession, result: SettleResult) -> None:
+        session.state = State.SETTLED
+        if session.stop_reason is DenyReason.NONE and not result.cutoff_reason:
+            final: Message = SummaryMsg(
+                billed_seconds=result.billed_seconds,
+                client_charged_micros=result.charged.get(session.client_id, 0),
+                agency_charged_micros=result.charged.get(session.agency_id, 0),
+            )
+        else:
+            final = CutoffMsg(result.cutoff_reason or int(session.stop_reason or 0), result.billed_seconds)
+        if session.final is None:
+            session.send(final)
+        session.final = final
+        session.stream = None
+        self.scheduler.cancel(session)
+        self.sessions.pop(session.key, None)
+        self._ended.set()
+        self._balance_changed(session)
+
+    def _after_operation(self, session: VoiceSession) -> None:
+        if session.stop_reason is not None:
+            self._begin_settle(session)
+        else:
+            self._reschedule(session)
+
+    def _balance_changed(self, session: VoiceSession) -> None:
+        for account_id in session.tariffs:
+            self.ctx.bus.notify(f"balance:{account_id}")
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def wait_until_empty(self, within: float | None) -> None:
+        async def empty() -> None:
+            while self.sessions:
+                self._ended.clear()
+                await self._ended.wait()
+
+        try:
+            await asyncio.wait_for(empty(), None if within is None else max(0.0, within))
+        except TimeoutError:
+            return
+
+    async def close(self, within: float = 2.0) -> None:
+        """Stop every timer without settling what is still open (the process is going away:
+        the lease sweeper or the recovery of another replica settles it); batches already in
+        flight get `within` seconds to finish."""
+        self._closed = True
+        for session in list(self.sessions.values()):
+            self.scheduler.cancel(session)
+        self.sessions.clear()
+        if self._work:
+            _, late = await asyncio.wait(set(self._work), timeout=within)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
 
 def _decreasing(seconds: int, last: int) -> CreditdError:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 
 from creditd.domain.records import BalanceType, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
+from creditd.errors import CreditdError
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,27 @@ class HotStore(abc.ABC):
     @abc.abstractmethod
     async def settle(self, request: SettleRequest) -> SettleResult:
         """Debit what was used, release the rest of the reservation. Exactly once per session."""
+
+    async def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult | CreditdError]:
+        """`reserve` for each request, each its own atomic unit; a failure is returned in its
+        request's place and fails nothing else."""
+        results: list[ReserveResult | CreditdError] = []
+        for request in requests:
+            try:
+                results.append(await self.reserve(request))
+            except CreditdError as exc:
+                results.append(exc)
+        return results
+
+    async def settle_many(self, requests: Sequence[SettleRequest]) -> list[SettleResult | CreditdError]:
+        """`settle` for each request, as `reserve_many` does."""
+        results: list[SettleResult | CreditdError] = []
+        for request in requests:
+            try:
+                results.append(await self.settle(request))
+            except CreditdError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:

@@ -43,12 +43,12 @@ RETENTION_SECONDS = 24 * 3600
 class EmbeddedHotStore(HotStore):
     def __init__(self, retention_seconds: float = RETENTION_SECONDS) -> None:
         self._retention = retention_seconds
-        self._finished: OrderedDict[tuple[str, str], float] = OrderedDict()  # (kind, id) -> when
+        self._finished: OrderedDict[tuple[str, tuple[str, str]], float] = OrderedDict()  # (kind, key) -> when
         self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
-        self._sessions: dict[str, SessionState] = {}
+        self._sessions: dict[tuple[str, str], SessionState] = {}  # (agency, session id) -> session
         self._live: dict[str, set[str]] = {}  # client -> its open sessions
         self._loaded = False
-        self._sms: dict[str, SmsDebitResult] = {}
+        self._sms: dict[tuple[str, str], SmsDebitResult] = {}  # (client, message id) -> result
         self._topups: set[str] = set()
         self._outbox: OrderedDict[str, Record] = OrderedDict()
         self._ids = itertools.count(1)
@@ -87,7 +87,7 @@ class EmbeddedHotStore(HotStore):
         """False until loaded: a new process starts empty and must be rebuilt first."""
         return self._loaded
 
-    def _retire(self, kind: str, key: str, now: float) -> None:
+    def _retire(self, kind: str, key: tuple[str, str], now: float) -> None:
         """Remember a finished session or message for the retention period; forget older ones."""
         self._finished[(kind, key)] = now
         while self._finished:
@@ -124,7 +124,7 @@ class EmbeddedHotStore(HotStore):
         return copy.copy(self._wallet(account_id, balance_type, now))
 
     async def session(self, agency_id: str, session_id: str) -> SessionState | None:
-        return self._sessions.get(session_id)
+        return self._sessions.get((agency_id, session_id))
 
     async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
         return [
@@ -136,7 +136,7 @@ class EmbeddedHotStore(HotStore):
     # -- the atomic operations ---------------------------------------------------------
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        state = self._sessions.get(request.session_id)
+        state = self._sessions.get((request.agency_id, request.session_id))
         if request.open is not None:
             if state is not None:
                 return ReserveResult(0, state.granted_seconds, None, reserved=dict(state.reserved))
@@ -192,13 +192,13 @@ class EmbeddedHotStore(HotStore):
                 expires_at=request.lease_until,
             )
         state = replace(state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until)
-        self._sessions[request.session_id] = state
+        self._sessions[(request.agency_id, request.session_id)] = state
         self._live.setdefault(state.client_id, set()).add(state.session_id)
         self._emit([self._session_record(state, request.now)])
         return ReserveResult(seconds, state.granted_seconds, headroom_seconds, limited_by, reserved=reserved)
 
     async def settle(self, request: SettleRequest) -> SettleResult:
-        state = self._sessions.get(request.session_id)
+        state = self._sessions.get((request.agency_id, request.session_id))
         if state is None:
             raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
         if state.status == "settled":
@@ -228,14 +228,14 @@ class EmbeddedHotStore(HotStore):
             charged=charged,
             cutoff_reason=request.cutoff_reason,
         )
-        self._sessions[request.session_id] = state
+        self._sessions[(request.agency_id, request.session_id)] = state
         self._live.get(state.client_id, set()).discard(state.session_id)
-        self._retire("session", state.session_id, request.now)
+        self._retire("session", (request.agency_id, state.session_id), request.now)
         self._emit([self._session_record(state, request.now)])
         return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
 
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
-        seen = self._sms.get(request.message_id)
+        seen = self._sms.get((request.client_id, request.message_id))
         if seen is not None:
             return replace(seen, duplicate=True)
         wallets = [self._wallet(account, BalanceType.SMS, request.now) for account in request.costs]
@@ -251,8 +251,8 @@ class EmbeddedHotStore(HotStore):
             self._emit([_usage_entry(wallet, EntryKind.SMS_USAGE, free, purchased, cost, request)])
             self._emit(wallet.alerts(before, request.now))
         result = SmsDebitResult(True, dict(request.costs))
-        self._sms[request.message_id] = result
-        self._retire("sms", request.message_id, request.now)
+        self._sms[(request.client_id, request.message_id)] = result
+        self._retire("sms", (request.client_id, request.message_id), request.now)
         return result
 
     async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:
@@ -284,7 +284,7 @@ class EmbeddedHotStore(HotStore):
         applied_topups: Collection[tuple[str, str]] = (),
     ) -> None:
         self._wallets = {(w.account_id, w.balance_type): w for _, w in wallets}
-        self._sessions = {s.session_id: s for s in sessions}
+        self._sessions = {(s.agency_id, s.session_id): s for s in sessions}
         self._live = {}
         for state in sessions:
             if state.status == "open":

@@ -14,7 +14,7 @@ clients carries the hash tag {agency}, so a script touches one Redis Cluster slo
     P{a}:s:<session id>               hash   a session (open or settled)
     P{a}:live                         set    ids of the agency's open sessions
     P{a}:cc:<client>                  set    ids of the client's open voice sessions
-    P{a}:sms:<message id>             hash   the result of an allowed SMS debit
+    P{a}:sms:<client>:<message id>    hash   the result of an allowed SMS debit
     P{a}:outbox                       stream records for the database, field "r": JSON
     Pagencies                         set    agencies with state (no hash tag, see below)
     Ploaded                           string set by load(); ping() answers False without it
@@ -199,8 +199,8 @@ class RedisHotStore(HotStore):
     def _client_key(self, agency_id: str, client_id: str) -> str:
         return f"{self._tag(agency_id)}cc:{client_id}"
 
-    def _sms_key(self, agency_id: str, message_id: str) -> str:
-        return f"{self._tag(agency_id)}sms:{message_id}"
+    def _sms_key(self, agency_id: str, client_id: str, message_id: str) -> str:
+        return f"{self._tag(agency_id)}sms:{client_id}:{message_id}"
 
     def _outbox_key(self, agency_id: str) -> str:
         return f"{self._tag(agency_id)}outbox"
@@ -441,7 +441,7 @@ class RedisHotStore(HotStore):
         agency_id = request.agency_id
         accounts = list(request.costs)
         keys = [
-            self._sms_key(agency_id, request.message_id),
+            self._sms_key(agency_id, request.client_id, request.message_id),
             self._outbox_key(agency_id),
             *(self._wallet_key(agency_id, account, BalanceType.SMS) for account in accounts),
         ]

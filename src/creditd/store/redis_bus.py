@@ -29,7 +29,7 @@ class RedisBus(LocalBus):
         self._outgoing: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUED)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def publish(self, channel: str) -> None:
+    def notify(self, channel: str) -> None:
         with contextlib.suppress(asyncio.QueueFull):  # a flood only merges wake-ups
             self._outgoing.put_nowait(channel)
 
