@@ -1,149 +1,221 @@
-"""Sessions (SPEC §4): slices, warning, cutoff on the server's timer, pools, resume, idempotency."""
+"""Sessions (SPEC §4): slices, warning, cutoff on the server's timer, pools, resume, operators.
+
+The server runs on a ManualClock: each test moves time itself and checks what happened at
+the exact second it should (and not a quarter of a second before). The default settings
+apply unless a test says otherwise: 60 s slices, renewal 15 s before a grant ends, the
+warning 10 s before a final grant ends, 30 s of grace, authorizations held 60 s. One test
+at the end runs on the real clock, to show the real timers are wired.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
+from google.protobuf import field_mask_pb2
 
+from creditd.domain.records import DenyReason
+from creditd.engine.clock import ManualClock
+from tests.calls import Call, session, until
 from tests.conftest import CREDIT, Api, Running, ServerFactory, error_info
 
-FAST = {"slice_seconds": 2, "renewal_lead_seconds": 1.0, "warning_seconds": 1.0, "grace_seconds": 1.0}
 PER_SECOND = 60 * CREDIT  # one credit a second
+INBOUND, OUTBOUND = common_pb2.DIRECTION_INBOUND, common_pb2.DIRECTION_OUTBOUND
 
 
-async def _one_credit_a_second(api: Api, agency_credits: int = 1000, client_credits: int = 1000) -> None:
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def running(make_server: ServerFactory, clock: ManualClock) -> AsyncIterator[Running]:
+    async with make_server(clock=clock) as server:
+        yield server
+
+
+async def _one_credit_a_second(
+    api: Api, agency_credits: int = 10_000, client_credits: int = 10_000, **plan: int
+) -> None:
     await api.agency("a1", free_voice_micros=agency_credits * CREDIT, default_voice_micros_per_minute=PER_SECOND)
-    await api.plan("a1", "p", free_voice_micros=client_credits * CREDIT, default_voice_micros_per_minute=PER_SECOND)
+    await api.plan(
+        "a1", "p", free_voice_micros=client_credits * CREDIT, default_voice_micros_per_minute=PER_SECOND, **plan
+    )
 
 
-async def test_cutoff_arrives_at_the_end_of_the_last_grant_without_reports(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as running:
-        api = running.api
-        await _one_credit_a_second(api, client_credits=3)
-        await api.client("c1", "a1", "p")
-        assert (await api.authorize("s1", "c1")).granted_seconds == 2
-        started = time.monotonic()
-        call, first = await api.start_call("s1", "c1")
-        assert first.grant.granted_seconds == 2
-        received = []
-        while True:
-            message = await call.read()
-            received.append((message.WhichOneof("msg"), time.monotonic() - started, message))
-            if message.WhichOneof("msg") == "cutoff":
-                break
-        kinds = [kind for kind, _, _ in received]
-        assert kinds == ["grant", "warning", "cutoff"]
-        grant, warning, cutoff = (m for _, _, m in received)
-        assert grant.grant.granted_seconds == 3  # the renewal could only add one second
-        assert warning.warning.remaining_seconds == 1
-        assert cutoff.cutoff.reason == common_pb2.DENY_REASON_CLIENT_CREDITS_EXHAUSTED
-        assert cutoff.cutoff.billed_seconds == 3
-        cutoff_at = received[-1][1]
-        assert 2.9 <= cutoff_at < 3.5, f"cutoff {cutoff_at:.3f}s after answer, grant ended at 3s"
-        balance = (await api.balance("c1")).voice
-        assert (balance.free_micros, balance.reserved_micros) == (0, 0)
-        assert (await call.read()) is grpc.aio.EOF
+async def _answered(api: Api, session_id: str = "s1", client_id: str = "c1", direction: int = INBOUND) -> Call:
+    assert (await api.authorize(session_id, client_id, direction)).allowed
+    call = Call(api)
+    first = await call.start(session_id, client_id)
+    assert first.WhichOneof("msg") == "grant"
+    return call
 
 
-async def test_slices_are_renewed_ahead_of_need(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as running:
-        api = running.api
-        await _one_credit_a_second(api)
-        await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        call, first = await api.start_call("s1", "c1")
-        grants = [first.grant.granted_seconds]
-        while len(grants) < 3:
-            grants.append((await call.read()).grant.granted_seconds)
-        assert grants == [2, 4, 6]
-        reserved = (await api.balance("c1")).voice.reserved_micros
-        assert reserved == 6 * CREDIT
-        summary = (await api.end_call(call, 5)).summary
-        assert (summary.billed_seconds, summary.client_charged_micros) == (5, 5 * CREDIT)
-        balance = (await api.balance("c1")).voice
-        assert (balance.reserved_micros, balance.free_micros) == (0, 995 * CREDIT)
+async def _update_limit(api: Api, micros: int) -> None:
+    await api.accounts.UpdatePlan(
+        account_pb2.UpdatePlanRequest(
+            plan=account_pb2.Plan(agency_id="a1", plan_id="p", usage_limit_micros=micros),
+            update_mask=field_mask_pb2.FieldMask(paths=["usage_limit_micros"]),
+        ),
+        metadata=api.metadata,
+    )
 
 
-async def test_one_agency_pool_is_shared_by_concurrent_calls_of_its_clients(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as running:
-        api = running.api
-        await _one_credit_a_second(api, agency_credits=10)
-        clients = [f"c{n}" for n in range(4)]
-        for client in clients:
-            await api.client(client, "a1", "p")
+async def test_the_last_grant_ends_in_a_warning_then_a_cutoff_at_its_exact_end(
+    running: Running, clock: ManualClock
+) -> None:
+    api = running.api
+    await _one_credit_a_second(api, client_credits=75)  # 75 seconds of talk
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    assert call.messages[0].grant.granted_seconds == 60
 
-        async def call_until_cut(client: str) -> tuple[int, int, int]:
-            granted = (await api.authorize(f"s-{client}", client)).granted_seconds
-            if not granted:
-                return 0, 0, 0
-            call, message = await api.start_call(f"s-{client}", client)
-            while message.WhichOneof("msg") != "cutoff":
-                if message.WhichOneof("msg") == "grant":
-                    granted = message.grant.granted_seconds
-                message = await call.read()
-            return granted, message.cutoff.billed_seconds, message.cutoff.reason
+    await clock.advance(44.75)
+    assert session(running, "s1").granted == 60  # type: ignore[union-attr]
+    await clock.advance(0.25)  # 15 s before the end: the renewal finds 15 s more, and no further
+    assert (await call.next()).grant.granted_seconds == 75
 
-        results = await asyncio.gather(*(call_until_cut(c) for c in clients))
-        assert sum(billed for _, billed, _ in results) == 10  # exactly what the pool held
-        for granted, billed, reason in results:
-            assert billed == granted  # cut at the end of the grant, not a second past it
-            if granted:
-                assert reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
-        agency = (await api.balance("a1")).voice
-        assert (agency.free_micros, agency.purchased_micros, agency.reserved_micros) == (0, 0, 0)
-        client_total = sum([(await api.balance(c)).voice.period_used_micros for c in clients])
-        assert client_total == 10 * CREDIT
+    await clock.advance(19.75)
+    assert not session(running, "s1").warned  # type: ignore[union-attr]
+    await clock.advance(0.25)  # 10 s before the end of the final grant
+    assert (await call.next()).warning.remaining_seconds == 10
+
+    await clock.advance(9.75)
+    assert session(running, "s1").final is None  # type: ignore[union-attr]
+    assert call.pending() == []
+    await clock.advance(0.25)  # the grant ends: cut now, with no usage report ever sent
+    cutoff = (await call.next()).cutoff
+    assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_CLIENT_CREDITS_EXHAUSTED, 75)
+    assert await call.ended() is None
+    balance = (await api.balance("c1")).voice
+    assert (balance.free_micros, balance.reserved_micros, balance.period_used_micros) == (0, 0, 75 * CREDIT)
 
 
-async def test_a_dropped_stream_can_be_resumed_within_the_grace_period(make_server: ServerFactory) -> None:
-    async with make_server(**{**FAST, "grace_seconds": 5.0}) as running:
+async def test_slices_are_renewed_the_renewal_lead_before_the_grant_ends(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
+    async with make_server(clock=clock, renewal_lead_seconds=20) as running:
         api = running.api
         await _one_credit_a_second(api)
         await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        call, _ = await api.start_call("s1", "c1")
-        call.cancel()
-        await asyncio.sleep(0.3)
-        resumed, grant = await api.start_call("s1", "c1")
-        assert grant.grant.granted_seconds >= 2
-        summary = (await api.end_call(resumed, 1)).summary
-        assert summary.billed_seconds == 1
-        assert (await api.balance("c1")).voice.reserved_micros == 0
-
-
-async def test_a_dropped_stream_not_resumed_is_settled_by_the_server(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as running:
-        api = running.api
-        await _one_credit_a_second(api)
-        await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        call, _ = await api.start_call("s1", "c1")
-        await asyncio.sleep(0.5)
-        call.cancel()
-        await asyncio.sleep(1.8)  # past the 1 s grace
+        call = await _answered(api)
+        await clock.advance(39.75)
+        assert call.pending() == [] and session(running, "s1").granted == 60  # type: ignore[union-attr]
+        await clock.advance(0.25)
+        assert (await call.next()).grant.granted_seconds == 120
+        assert (await api.balance("c1")).voice.reserved_micros == 120 * CREDIT
+        await clock.advance(60)
+        assert (await call.next()).grant.granted_seconds == 180
+        summary = (await call.end(101)).summary
+        assert (summary.billed_seconds, summary.client_charged_micros) == (101, 101 * CREDIT)
         balance = (await api.balance("c1")).voice
-        assert balance.reserved_micros == 0
-        # billed for the time the call could have run: until the grace ended (about 2 s)
-        assert CREDIT <= balance.period_used_micros <= 2 * CREDIT
-        _, final = await api.start_call("s1", "c1")
-        assert final.cutoff.reason == common_pb2.DENY_REASON_SESSION_ABANDONED
-        assert final.cutoff.billed_seconds * CREDIT == balance.period_used_micros
+        assert (balance.reserved_micros, balance.period_used_micros) == (0, 101 * CREDIT)
 
 
-async def test_an_authorization_never_started_is_released(make_server: ServerFactory) -> None:
-    async with make_server(**{**FAST, "authorize_ttl_seconds": 0.5}) as running:
-        api = running.api
-        await _one_credit_a_second(api)
-        await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        assert (await api.balance("c1")).voice.reserved_micros == 2 * CREDIT
-        await asyncio.sleep(1.0)
-        balance = (await api.balance("c1")).voice
-        assert (balance.reserved_micros, balance.period_used_micros) == (0, 0)
+async def test_one_agency_pool_is_shared_by_the_concurrent_calls_of_its_clients(
+    running: Running, clock: ManualClock
+) -> None:
+    api = running.api
+    await _one_credit_a_second(api, agency_credits=150)
+    clients = [f"c{n}" for n in range(4)]
+    for client in clients:
+        await api.client(client, "a1", "p")
+    calls = {}
+    for client in clients:
+        if (await api.authorize(f"s-{client}", client)).allowed:
+            calls[client] = Call(api)
+            await calls[client].start(f"s-{client}", client)
+    assert len(calls) == 3  # 60 + 60 + 30 seconds: the pool is taken
+    await clock.advance(120)
+    billed = 0
+    for call in calls.values():
+        granted = max(m.grant.granted_seconds for m in call.messages if m.WhichOneof("msg") == "grant")
+        cutoff = (await call.next("cutoff")).cutoff
+        assert cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
+        assert cutoff.billed_seconds == granted  # cut at the end of its grant, not a second past it
+        billed += cutoff.billed_seconds
+    assert billed == 150  # exactly what the pool held
+    agency = (await api.balance("a1")).voice
+    assert (agency.free_micros, agency.purchased_micros, agency.reserved_micros) == (0, 0, 0)
+
+
+async def test_a_dropped_stream_can_be_resumed_within_the_grace_period(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await _one_credit_a_second(api)
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(5)
+    call.cancel()
+    await until(lambda: session(running, "s1").stream is None, "the server noticed the drop")  # type: ignore[union-attr]
+    await clock.advance(29.75)  # the grace period is 30 s
+    resumed = Call(api)
+    grant = (await resumed.start("s1", "c1")).grant
+    assert grant.granted_seconds == 60
+    assert grant.expires_at.ToSeconds() == int(session(running, "s1").started_at) + 60  # type: ignore[union-attr]
+    await clock.advance(10.25)  # 45 s: the call goes on, renewed as before
+    assert (await resumed.next()).grant.granted_seconds == 120
+    summary = (await resumed.end(45)).summary
+    assert summary.billed_seconds == 45
+    assert (await api.balance("c1")).voice.reserved_micros == 0
+
+
+async def test_a_dropped_stream_not_resumed_is_billed_until_the_grace_period_ends(
+    running: Running, clock: ManualClock
+) -> None:
+    api = running.api
+    await _one_credit_a_second(api)
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(5)
+    call.cancel()
+    await until(lambda: session(running, "s1").stream is None, "the server noticed the drop")  # type: ignore[union-attr]
+    await clock.advance(29.75)
+    assert session(running, "s1") is not None  # still resumable
+    await clock.advance(0.25)
+    assert session(running, "s1") is None  # settled: 5 s talked + 30 s of grace
+    balance = (await api.balance("c1")).voice
+    assert (balance.reserved_micros, balance.period_used_micros) == (0, 35 * CREDIT)
+    final = await Call(api).start("s1", "c1")
+    assert (final.cutoff.reason, final.cutoff.billed_seconds) == (common_pb2.DENY_REASON_SESSION_ABANDONED, 35)
+
+
+async def test_a_dropped_stream_whose_grant_ends_within_the_grace_period_is_billed_to_the_grant(
+    running: Running, clock: ManualClock
+) -> None:
+    api = running.api
+    await _one_credit_a_second(api, client_credits=40)  # the first grant is 40 s, and final
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(20)
+    call.cancel()
+    await until(lambda: session(running, "s1").stream is None, "the server noticed the drop")  # type: ignore[union-attr]
+    await clock.advance(19.75)
+    assert session(running, "s1") is not None
+    await clock.advance(0.25)  # 40 s: the grant ended before the grace period (50 s) did
+    assert session(running, "s1") is None
+    balance = (await api.balance("c1")).voice
+    assert (balance.free_micros, balance.reserved_micros, balance.period_used_micros) == (0, 0, 40 * CREDIT)
+    final = await Call(api).start("s1", "c1")
+    assert (final.cutoff.reason, final.cutoff.billed_seconds) == (common_pb2.DENY_REASON_SESSION_ABANDONED, 40)
+
+
+async def test_an_authorization_never_started_is_released_when_it_expires(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await _one_credit_a_second(api)
+    await api.client("c1", "a1", "p")
+    authorization = await api.authorize("s1", "c1")
+    assert authorization.expires_at.ToSeconds() == int(clock.now()) + 60
+    await clock.advance(59.75)
+    assert (await api.balance("c1")).voice.reserved_micros == 60 * CREDIT
+    await clock.advance(0.25)
+    balance = (await api.balance("c1")).voice
+    assert (balance.reserved_micros, balance.period_used_micros) == (0, 0)
+    final = await Call(api).start("s1", "c1")
+    assert (final.cutoff.reason, final.cutoff.billed_seconds) == (common_pb2.DENY_REASON_SESSION_ABANDONED, 0)
 
 
 async def test_authorize_is_idempotent_by_session_id(api: Api) -> None:
@@ -155,7 +227,7 @@ async def test_authorize_is_idempotent_by_session_id(api: Api) -> None:
     assert (again.allowed, again.granted_seconds, again.expires_at) == (True, first.granted_seconds, first.expires_at)
     assert (await api.balance("c1")).voice.reserved_micros == 60 * CREDIT  # one slice, not two
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await api.authorize("s1", "c2")
+        await api.authorize("s1", "c2")  # another client of the same agency
     assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(raised.value).reason == "SESSION_ID_REUSED"
 
@@ -167,46 +239,116 @@ async def test_concurrency_cap_of_the_plan(api: Api) -> None:
     assert (await api.authorize("s1", "c1")).allowed
     denied = await api.authorize("s2", "c1")
     assert denied.deny_reason == common_pb2.DENY_REASON_CONCURRENCY_LIMIT_REACHED
-    call, _ = await api.start_call("s1", "c1")
-    await api.end_call(call, 1)
+    call = Call(api)
+    await call.start("s1", "c1")
+    await call.end(1)
     assert (await api.authorize("s3", "c1")).allowed
 
 
-async def test_suspending_a_subscription_cuts_live_calls_at_once(make_server: ServerFactory) -> None:
-    async with make_server(slice_seconds=60) as running:
-        api = running.api
-        await _one_credit_a_second(api)
-        await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        call, _ = await api.start_call("s1", "c1")
-        await asyncio.sleep(1.2)
-        before = time.monotonic()
-        await api.accounts.UpdateSubscription(
-            account_pb2.UpdateSubscriptionRequest(account_id="a1", inbound_active=False), metadata=api.metadata
+async def test_suspending_inbound_cuts_inbound_calls_at_once_and_leaves_outbound_ones(
+    running: Running, clock: ManualClock
+) -> None:
+    api = running.api
+    await _one_credit_a_second(api)
+    await api.client("c1", "a1", "p")
+    inbound = await _answered(api, "in", direction=INBOUND)
+    outbound = await _answered(api, "out", direction=OUTBOUND)
+    await clock.advance(1.25)
+    await api.accounts.UpdateSubscription(
+        account_pb2.UpdateSubscriptionRequest(account_id="a1", inbound_active=False, outbound_active=True),
+        metadata=api.metadata,
+    )
+    cutoff = (await inbound.next("cutoff")).cutoff  # at once: no time passes on the server's clock
+    assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE, 2)
+    assert session(running, "out") is not None and outbound.pending() == []
+    await clock.advance(45)  # the outbound call renews as before
+    assert (await outbound.next()).grant.granted_seconds == 120
+    assert (await outbound.end(50)).summary.billed_seconds == 50
+    assert (await api.balance("c1")).voice.period_used_micros == 52 * CREDIT
+    denied = await api.authorize("in-2", "c1", INBOUND)
+    assert denied.deny_reason == common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE
+
+
+async def test_a_top_up_lets_a_call_on_its_final_grant_go_on(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await _one_credit_a_second(api, client_credits=70)
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(45)
+    assert (await call.next()).grant.granted_seconds == 70  # all that is left: final
+    await api.topup("c1", 100 * CREDIT, "rescue")
+    live = session(running, "s1")
+    assert live is not None
+    await until(lambda: live.exhausted is DenyReason.NONE, "the top-up reached the call")
+    await clock.advance(10)  # 15 s before the end, as any renewal
+    assert (await call.next()).grant.granted_seconds == 130
+    assert call.pending() == []  # no warning: the grant was not final anymore
+    assert (await call.end(80)).summary.billed_seconds == 80
+
+
+async def test_lowering_a_limit_below_what_is_in_use_cuts_the_call(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await _one_credit_a_second(api, usage_limit_micros=1000 * CREDIT)
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(30)
+    await _update_limit(api, 50 * CREDIT)  # 60 s are reserved: more than the new limit allows
+    cutoff = (await call.next("cutoff")).cutoff
+    assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_USAGE_LIMIT_REACHED, 30)
+    balance = (await api.balance("c1")).voice
+    assert (balance.reserved_micros, balance.period_used_micros) == (0, 30 * CREDIT)
+
+
+async def test_raising_a_limit_lets_a_final_grant_renew_again(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await _one_credit_a_second(api, usage_limit_micros=70 * CREDIT)
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    await clock.advance(45)
+    assert (await call.next()).grant.granted_seconds == 70  # the limit binds: final
+    await _update_limit(api, 200 * CREDIT)
+    live = session(running, "s1")
+    assert live is not None
+    await until(lambda: live.exhausted is DenyReason.NONE, "the new limit reached the call")
+    await clock.advance(10)
+    assert (await call.next()).grant.granted_seconds == 130
+    assert (await call.end(100)).summary.billed_seconds == 100
+
+
+async def test_a_usage_limit_applies_to_voice_and_sms_separately(running: Running, clock: ManualClock) -> None:
+    api = running.api
+    await api.agency("a1", default_voice_micros_per_minute=PER_SECOND)
+    await api.plan(
+        "a1",
+        "p",
+        free_voice_micros=1000 * CREDIT,
+        free_sms_micros=1000 * CREDIT,
+        default_voice_micros_per_minute=PER_SECOND,
+        default_sms_micros_per_segment=CREDIT,
+        usage_limit_micros=10 * CREDIT,
+    )
+    await api.client("c1", "a1", "p")
+    call = await _answered(api)
+    assert call.messages[0].grant.granted_seconds == 10  # the voice limit: 10 credits
+    await clock.advance(10)
+    assert (await call.next("cutoff")).cutoff.reason == common_pb2.DENY_REASON_USAGE_LIMIT_REACHED
+    voice_denied = await api.authorize("s2", "c1")
+    assert voice_denied.deny_reason == common_pb2.DENY_REASON_USAGE_LIMIT_REACHED
+
+    sms = Call(api)  # SMS have a limit of their own: 10 one-credit segments
+    await sms.call.write(
+        metering_pb2.StreamUsageRequest(
+            start=metering_pb2.SessionStart(session_id="texts", client_id="c1", channel=common_pb2.CHANNEL_SMS)
         )
-        cutoff = await call.read()
-        assert time.monotonic() - before < 1.0
-        assert cutoff.cutoff.reason == common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE
-        assert cutoff.cutoff.billed_seconds == 2  # 1.2 s, billed per started second
-        assert (await api.balance("c1")).voice.period_used_micros == 2 * CREDIT
-
-
-async def test_a_top_up_lets_a_call_on_its_final_grant_go_on(make_server: ServerFactory) -> None:
-    async with make_server(**{**FAST, "warning_seconds": 0.5}) as running:
-        api = running.api
-        await _one_credit_a_second(api, client_credits=2)
-        await api.client("c1", "a1", "p")
-        await api.authorize("s1", "c1")
-        call, first = await api.start_call("s1", "c1")
-        assert first.grant.granted_seconds == 2
-        await asyncio.sleep(1.2)  # the renewal found nothing: this grant is final
-        await api.topup("c1", 10 * CREDIT, "rescue")
-        message = await call.read()
-        while message.WhichOneof("msg") == "warning":
-            message = await call.read()
-        assert message.WhichOneof("msg") == "grant" and message.grant.granted_seconds == 4
-        summary = (await api.end_call(call, 3)).summary
-        assert summary.billed_seconds == 3
+    )
+    for n in range(11):
+        send = metering_pb2.SmsSend(message_id=f"m{n}", destination_country="US", segments=1)
+        await sms.call.write(metering_pb2.StreamUsageRequest(sms=send))
+        result = (await sms.next("sms_result")).sms_result
+        assert result.allowed is (n < 10), n
+    assert result.deny_reason == common_pb2.DENY_REASON_USAGE_LIMIT_REACHED
+    balance = await api.balance("c1")
+    assert (balance.voice.period_used_micros, balance.sms.period_used_micros) == (10 * CREDIT, 10 * CREDIT)
 
 
 async def test_sms_message_ids_are_charged_once(api: Api) -> None:
@@ -237,6 +379,24 @@ async def test_sms_message_ids_are_charged_once(api: Api) -> None:
     assert (await api.balance("c1")).sms.free_micros == 10 * CREDIT - 332_000
 
 
+async def test_an_sms_stream_closed_without_session_end_ends_with_its_summary(api: Api) -> None:
+    await api.agency("a1")
+    await api.plan("a1", "p", free_sms_micros=10 * CREDIT)
+    await api.client("c1", "a1", "p")
+    call = api.stream()
+    start = metering_pb2.SessionStart(session_id="sms", client_id="c1", channel=common_pb2.CHANNEL_SMS)
+    await call.write(metering_pb2.StreamUsageRequest(start=start))
+    await call.write(
+        metering_pb2.StreamUsageRequest(sms=metering_pb2.SmsSend(message_id="m1", destination_country="US", segments=1))
+    )
+    assert (await call.read()).sms_result.allowed
+    await call.done_writing()  # a half-close is the normal end of an SMS stream
+    summary = (await call.read()).summary
+    assert (summary.messages_sent, summary.client_charged_micros) == (1, 166_000)
+    assert await call.read() is grpc.aio.EOF
+    assert (await call.code()) is grpc.StatusCode.OK
+
+
 async def test_topup_is_idempotent_by_key(server: Running) -> None:
     api = server.api
     await api.agency("a1")
@@ -263,3 +423,24 @@ async def test_a_grant_top_up_adds_free_credits(api: Api) -> None:
     await api.agency("a1", free_voice_micros=0)
     response = await api.topup("a1", 7 * CREDIT, "promo", kind=ledger_pb2.TOPUP_KIND_GRANT)
     assert (response.balance.free_micros, response.balance.purchased_micros) == (7 * CREDIT, 0)
+
+
+async def test_on_the_real_clock_a_short_call_is_renewed_warned_and_cut_on_time(make_server: ServerFactory) -> None:
+    fast = {"slice_seconds": 2, "renewal_lead_seconds": 1.0, "warning_seconds": 1.0}
+    async with make_server(**fast) as running:
+        api = running.api
+        await _one_credit_a_second(api, client_credits=3)
+        await api.client("c1", "a1", "p")
+        assert (await api.authorize("s1", "c1")).granted_seconds == 2
+        call = Call(api)
+        answered = time.monotonic()
+        await call.start("s1", "c1")
+        assert (await call.next()).grant.granted_seconds == 3  # the renewal could add one second
+        assert (await call.next()).warning.remaining_seconds == 1
+        cutoff = (await call.next()).cutoff
+        cut_after = time.monotonic() - answered
+        assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_CLIENT_CREDITS_EXHAUSTED, 3)
+        assert cut_after >= 2.9, f"cut {cut_after:.3f}s after the answer, before the grant ended at 3 s"
+        balance = (await api.balance("c1")).voice
+        assert (balance.free_micros, balance.reserved_micros) == (0, 0)
+        await asyncio.wait_for(call.ended(), 10)

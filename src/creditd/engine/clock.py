@@ -134,7 +134,9 @@ class ManualClock(Clock):
     """
 
     def __init__(self, start: float | None = None) -> None:
-        self._now = time.time() if start is None else start
+        # A whole second by default: tests that step in binary fractions of a second
+        # (0.25, 0.5) then land exactly on the deadlines they aim at.
+        self._now = float(int(time.time())) if start is None else start
         self._timers: list[tuple[float, int, _ManualTimer]] = []
         self._seq = itertools.count()
         self._work: set[asyncio.Task[None]] = set()
