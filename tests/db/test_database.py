@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -15,6 +16,7 @@ from alembic.migration import MigrationContext
 
 from creditd.db import Database
 from creditd.db.migrate import downgrade, upgrade
+from creditd.db.outbox import RecordBatch
 from creditd.db.tables import metadata
 from creditd.domain.accounts import (
     Account,
@@ -168,6 +170,8 @@ async def test_ping_and_unreachable_database(database: Database, tmp_path: Path)
             await down.ping()
         with pytest.raises(StoreUnavailable):
             await down.get_account("a1")
+        with pytest.raises(StoreUnavailable):
+            await down.write_records([entry("a1"), session("s1", "open", 30, T0), event("a1")])
         await down.close()
 
 
@@ -316,6 +320,63 @@ async def test_sessions_never_reopen_once_settled(database: Database) -> None:
     assert await database.get_session("s2") == s2_settled
     assert await database.open_sessions() == []
     assert await database.get_session("s3") is None
+
+
+async def test_a_sessions_newest_state_wins_within_and_across_batches(database: Database) -> None:
+    slices = [session("s1", "open", 30 * n, T0 + 25 * n) for n in (1, 2, 3)]
+    await database.write_records(slices)  # one batch: only the newest slice is written
+    assert await database.get_session("s1") == slices[2]
+
+    # A batch taken again after a lost ack arrives after the newer state: it changes nothing.
+    await database.write_records(slices[:2])
+    await database.write_records([slices[1], slices[0]])
+    assert await database.get_session("s1") == slices[2]
+
+    # Replicas' clocks differ: a newer slice stamped earlier still wins, an older one stamped
+    # later does not.
+    newer_earlier = session("s1", "open", 120, T0)
+    await database.write_records([newer_earlier])
+    await database.write_records([session("s1", "open", 90, T0 + 500)])
+    assert await database.get_session("s1") == newer_earlier
+    assert await database.open_sessions() == [newer_earlier]
+
+
+def test_a_batch_holds_each_record_once_and_one_state_per_session() -> None:
+    e, ev = entry("a1", usage=5), event("a1")
+    states = [session("s1", "open", 30, T0), session("s2", "open", 30, T0), session("s1", "open", 60, T0 + 1)]
+    batch = RecordBatch.of([e, ev, *states, e, ev, states[0]])
+    assert batch.entries == [e] and batch.events == [ev]
+    assert batch.sessions == [states[2], states[1]]
+    settled = session("s1", "settled", 30, T0 + 2, billed_seconds=20)
+    # a stale copy later in the batch (taken again with newer records) loses too
+    assert RecordBatch.of([states[2], states[0]]).sessions == [states[2]]
+    assert RecordBatch.of([settled, states[2]]).sessions == [settled]
+    assert not RecordBatch.of([]) and RecordBatch.of([states[0]])
+
+
+async def test_a_second_copy_of_an_entry_or_event_is_ignored(database: Database) -> None:
+    first, first_event = entry("a1", free=-100, usage=100), event("a1", amount_micros=7)
+    twin = dataclasses.replace(first, free_micros=-999, amount_micros=-999, usage_micros=999)
+    twin_event = dataclasses.replace(first_event, amount_micros=8)
+    await database.write_records([first, first_event, twin, twin_event])
+    await database.write_records([twin, twin_event])
+    assert await database.get_ledger_entry(first.entry_id) == first
+    assert await database.list_ledger("a1", None, 10, None) == ([first], None)
+    assert await database.list_events(["a1"], 10, None) == ([first_event], None)
+
+
+async def test_a_batch_is_written_whole_or_not_at_all(database: Database) -> None:
+    good = [entry("a1", usage=1), session("s1", "open", 30, T0), event("a1")]
+    # the last insert of the transaction fails: the rows before it must not stay
+    unwritable = event("a1", session_id=None)  # type: ignore[arg-type]
+    with pytest.raises((sa.exc.IntegrityError, psycopg.IntegrityError)):
+        await database.write_records([*good, unwritable])
+    assert await database.list_ledger("a1", None, 10, None) == ([], None)
+    assert await database.get_session("s1") is None
+    assert await database.list_events(["a1"], 10, None) == ([], None)
+    await database.write_records(good)  # the writer is usable again
+    assert await database.get_session("s1") == good[1]
+    assert await database.list_events(["a1"], 10, None) == ([good[2]], None)
 
 
 async def test_ledger_pages_newest_first(database: Database) -> None:
