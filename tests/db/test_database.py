@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from creditd.domain.records import (
 )
 from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
+from tests import services
 
 VOICE, SMS = BalanceType.VOICE, BalanceType.SMS
 T0 = 1_700_000_000.0  # every timestamp below is T0 plus a multiple of 1/4 s: exact in binary
@@ -377,6 +379,55 @@ async def test_a_batch_is_written_whole_or_not_at_all(database: Database) -> Non
     await database.write_records(good)  # the writer is usable again
     assert await database.get_session("s1") == good[1]
     assert await database.list_events(["a1"], 10, None) == ([good[2]], None)
+
+
+@pytest.fixture
+async def postgres_database(postgres_url: str) -> AsyncIterator[Database]:
+    await asyncio.to_thread(upgrade, postgres_url)
+    db = Database(postgres_url)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def test_a_cancelled_postgres_write_leaves_all_or_nothing_and_the_next_write_works(
+    postgres_database: Database,
+) -> None:
+    # A flusher stopped at shutdown is cancelled wherever it is: before connecting, in a
+    # COPY, in an insert or at commit. Cancel at a spread of moments; each batch must be
+    # all there or not at all, and the write after it must go through. (Postgres only: on
+    # SQLite a write cancelled inside SQLAlchemy/aiosqlite leaves its transaction open.)
+    database = postgres_database
+    for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032):
+        batch = [entry("a1", usage=1) for _ in range(400)]
+        task = asyncio.create_task(database.write_records(batch))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        written = {e.entry_id for e in (await database.list_ledger("a1", None, 10_000, None))[0]}
+        assert {e.entry_id for e in batch} & written in (set(), {e.entry_id for e in batch})
+        after = entry("a1", usage=1)
+        await database.write_records([after])
+        assert await database.get_ledger_entry(after.entry_id) == after
+
+
+async def test_the_postgres_writer_reconnects_after_losing_its_connection(postgres_database: Database) -> None:
+    database = postgres_database
+    await database.write_records([entry("a1", usage=1)])
+    name = sa.make_url(database.url).database
+    with psycopg.connect(services.POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchall()
+    assert killed  # the writer's connection (and the pool's) are gone
+    lost = entry("a1", usage=2)
+    with pytest.raises(StoreUnavailable):
+        await database.write_records([lost])
+    assert await database.get_ledger_entry(lost.entry_id) is None
+    await database.write_records([lost])  # a new connection
+    assert await database.usage_since("a1", VOICE, T0) == 3
 
 
 async def test_ledger_pages_newest_first(database: Database) -> None:

@@ -21,6 +21,7 @@ from creditd.db import outbox
 from creditd.db import tables as t
 from creditd.db.outbox import RecordBatch
 from creditd.db.outbox import epoch_us as _us
+from creditd.db.postgres_writer import PostgresWriter
 from creditd.domain.accounts import Account, AccountKind, ApiKey, BalanceSettings, BillingMode, Plan, Role
 from creditd.domain.rates import RateCard
 from creditd.domain.records import (
@@ -209,6 +210,9 @@ class Database:
             raise ValueError(f"unsupported database dialect {self._dialect!r}")
         if self._dialect == "sqlite":
             sa_event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        # The write-behind's batches go through psycopg directly on Postgres; SQLite (the
+        # embedded default) writes them through SQLAlchemy. Both follow creditd.db.outbox.
+        self._postgres_writer = PostgresWriter(url) if self._dialect == "postgresql" else None
 
     @property
     def url(self) -> str:
@@ -230,6 +234,8 @@ class Database:
             await conn.execute(sa.text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._postgres_writer is not None:
+            await self._postgres_writer.close()
         await self._engine.dispose()
 
     # -- catalog ---------------------------------------------------------------------------
@@ -371,6 +377,9 @@ class Database:
         as they are, and a session keeps its newest state (see creditd.db.outbox)."""
         batch = RecordBatch.of(records)
         if not batch:
+            return
+        if self._postgres_writer is not None:
+            await self._postgres_writer.write(batch)
             return
         async with self._tx() as conn:
             await self._write(conn, batch)
