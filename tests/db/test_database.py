@@ -381,24 +381,15 @@ async def test_a_batch_is_written_whole_or_not_at_all(database: Database) -> Non
     assert await database.list_events(["a1"], 10, None) == ([good[2]], None)
 
 
-@pytest.fixture
-async def postgres_database(postgres_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(upgrade, postgres_url)
-    db = Database(postgres_url)
-    try:
-        yield db
-    finally:
-        await db.close()
+postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
 
-async def test_a_cancelled_postgres_write_leaves_all_or_nothing_and_the_next_write_works(
-    postgres_database: Database,
-) -> None:
+@postgres_only
+async def test_a_cancelled_postgres_write_leaves_all_or_nothing_and_the_next_write_works(database: Database) -> None:
     # A flusher stopped at shutdown is cancelled wherever it is: before connecting, in a
     # COPY, in an insert or at commit. Cancel at a spread of moments; each batch must be
     # all there or not at all, and the write after it must go through. (Postgres only: on
     # SQLite a write cancelled inside SQLAlchemy/aiosqlite leaves its transaction open.)
-    database = postgres_database
     for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032):
         batch = [entry("a1", usage=1) for _ in range(400)]
         task = asyncio.create_task(database.write_records(batch))
@@ -413,8 +404,8 @@ async def test_a_cancelled_postgres_write_leaves_all_or_nothing_and_the_next_wri
         assert await database.get_ledger_entry(after.entry_id) == after
 
 
-async def test_the_postgres_writer_reconnects_after_losing_its_connection(postgres_database: Database) -> None:
-    database = postgres_database
+@postgres_only
+async def test_the_postgres_writer_reconnects_after_losing_its_connection(database: Database) -> None:
     await database.write_records([entry("a1", usage=1)])
     name = sa.make_url(database.url).database
     with psycopg.connect(services.POSTGRES_ADMIN_URL, autocommit=True) as admin:
