@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from creditd.db import Database
+from creditd.db import Database, outbox, tables
 from creditd.db.migrate import downgrade, upgrade
 from creditd.db.outbox import RecordBatch
 from creditd.db.tables import metadata
@@ -354,6 +354,15 @@ def test_a_batch_holds_each_record_once_and_one_state_per_session() -> None:
     assert RecordBatch.of([states[2], states[0]]).sessions == [states[2]]
     assert RecordBatch.of([settled, states[2]]).sessions == [settled]
     assert not RecordBatch.of([]) and RecordBatch.of([states[0]])
+
+
+def test_outbox_rows_name_every_column_and_every_record_field() -> None:
+    for columns, table, record in (
+        (outbox.ENTRY_COLUMNS, tables.ledger_entries, LedgerRecord),
+        (outbox.EVENT_COLUMNS, tables.events, EventRecord),
+        (outbox.SESSION_COLUMNS, tables.sessions, SessionRecord),
+    ):
+        assert set(columns) == {c.name for c in table.c} - {"seq"} == {f.name for f in dataclasses.fields(record)}
 
 
 async def test_a_second_copy_of_an_entry_or_event_is_ignored(database: Database) -> None:
