@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from creditd.db import Database
+from creditd.db import Database, outbox, tables
 from creditd.db.migrate import downgrade, upgrade
+from creditd.db.outbox import RecordBatch
 from creditd.db.tables import metadata
 from creditd.domain.accounts import (
     Account,
@@ -38,6 +41,7 @@ from creditd.domain.records import (
 )
 from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
+from tests import services
 
 VOICE, SMS = BalanceType.VOICE, BalanceType.SMS
 T0 = 1_700_000_000.0  # every timestamp below is T0 plus a multiple of 1/4 s: exact in binary
@@ -168,6 +172,8 @@ async def test_ping_and_unreachable_database(database: Database, tmp_path: Path)
             await down.ping()
         with pytest.raises(StoreUnavailable):
             await down.get_account("a1")
+        with pytest.raises(StoreUnavailable):
+            await down.write_records([entry("a1"), session("s1", "open", 30, T0), event("a1")])
         await down.close()
 
 
@@ -316,6 +322,112 @@ async def test_sessions_never_reopen_once_settled(database: Database) -> None:
     assert await database.get_session("s2") == s2_settled
     assert await database.open_sessions() == []
     assert await database.get_session("s3") is None
+
+
+async def test_a_sessions_newest_state_wins_within_and_across_batches(database: Database) -> None:
+    slices = [session("s1", "open", 30 * n, T0 + 25 * n) for n in (1, 2, 3)]
+    await database.write_records(slices)  # one batch: only the newest slice is written
+    assert await database.get_session("s1") == slices[2]
+
+    # A batch taken again after a lost ack arrives after the newer state: it changes nothing.
+    await database.write_records(slices[:2])
+    await database.write_records([slices[1], slices[0]])
+    assert await database.get_session("s1") == slices[2]
+
+    # Replicas' clocks differ: a newer slice stamped earlier still wins, an older one stamped
+    # later does not.
+    newer_earlier = session("s1", "open", 120, T0)
+    await database.write_records([newer_earlier])
+    await database.write_records([session("s1", "open", 90, T0 + 500)])
+    assert await database.get_session("s1") == newer_earlier
+    assert await database.open_sessions() == [newer_earlier]
+
+
+def test_a_batch_holds_each_record_once_and_one_state_per_session() -> None:
+    e, ev = entry("a1", usage=5), event("a1")
+    states = [session("s1", "open", 30, T0), session("s2", "open", 30, T0), session("s1", "open", 60, T0 + 1)]
+    batch = RecordBatch.of([e, ev, *states, e, ev, states[0]])
+    assert batch.entries == [e] and batch.events == [ev]
+    assert batch.sessions == [states[2], states[1]]
+    settled = session("s1", "settled", 30, T0 + 2, billed_seconds=20)
+    # a stale copy later in the batch (taken again with newer records) loses too
+    assert RecordBatch.of([states[2], states[0]]).sessions == [states[2]]
+    assert RecordBatch.of([settled, states[2]]).sessions == [settled]
+    assert not RecordBatch.of([]) and RecordBatch.of([states[0]])
+
+
+def test_outbox_rows_name_every_column_and_every_record_field() -> None:
+    for columns, table, record in (
+        (outbox.ENTRY_COLUMNS, tables.ledger_entries, LedgerRecord),
+        (outbox.EVENT_COLUMNS, tables.events, EventRecord),
+        (outbox.SESSION_COLUMNS, tables.sessions, SessionRecord),
+    ):
+        assert set(columns) == {c.name for c in table.c} - {"seq"} == {f.name for f in dataclasses.fields(record)}
+
+
+async def test_a_second_copy_of_an_entry_or_event_is_ignored(database: Database) -> None:
+    first, first_event = entry("a1", free=-100, usage=100), event("a1", amount_micros=7)
+    twin = dataclasses.replace(first, free_micros=-999, amount_micros=-999, usage_micros=999)
+    twin_event = dataclasses.replace(first_event, amount_micros=8)
+    await database.write_records([first, first_event, twin, twin_event])
+    await database.write_records([twin, twin_event])
+    assert await database.get_ledger_entry(first.entry_id) == first
+    assert await database.list_ledger("a1", None, 10, None) == ([first], None)
+    assert await database.list_events(["a1"], 10, None) == ([first_event], None)
+
+
+async def test_a_batch_is_written_whole_or_not_at_all(database: Database) -> None:
+    good = [entry("a1", usage=1), session("s1", "open", 30, T0), event("a1")]
+    # the last insert of the transaction fails: the rows before it must not stay
+    unwritable = event("a1", session_id=None)  # type: ignore[arg-type]
+    with pytest.raises((sa.exc.IntegrityError, psycopg.IntegrityError)):
+        await database.write_records([*good, unwritable])
+    assert await database.list_ledger("a1", None, 10, None) == ([], None)
+    assert await database.get_session("s1") is None
+    assert await database.list_events(["a1"], 10, None) == ([], None)
+    await database.write_records(good)  # the writer is usable again
+    assert await database.get_session("s1") == good[1]
+    assert await database.list_events(["a1"], 10, None) == ([good[2]], None)
+
+
+postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
+@postgres_only
+async def test_a_cancelled_postgres_write_leaves_all_or_nothing_and_the_next_write_works(database: Database) -> None:
+    # A flusher stopped at shutdown is cancelled wherever it is: before connecting, in a
+    # COPY, in an insert or at commit. Cancel at a spread of moments; each batch must be
+    # all there or not at all, and the write after it must go through. (Postgres only: on
+    # SQLite a write cancelled inside SQLAlchemy/aiosqlite leaves its transaction open.)
+    for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032):
+        batch = [entry("a1", usage=1) for _ in range(400)]
+        task = asyncio.create_task(database.write_records(batch))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        written = {e.entry_id for e in (await database.list_ledger("a1", None, 10_000, None))[0]}
+        assert {e.entry_id for e in batch} & written in (set(), {e.entry_id for e in batch})
+        after = entry("a1", usage=1)
+        await database.write_records([after])
+        assert await database.get_ledger_entry(after.entry_id) == after
+
+
+@postgres_only
+async def test_the_postgres_writer_reconnects_after_losing_its_connection(database: Database) -> None:
+    await database.write_records([entry("a1", usage=1)])
+    name = sa.make_url(database.url).database
+    with psycopg.connect(services.POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchall()
+    assert killed  # the writer's connection (and the pool's) are gone
+    lost = entry("a1", usage=2)
+    with pytest.raises(StoreUnavailable):
+        await database.write_records([lost])
+    assert await database.get_ledger_entry(lost.entry_id) is None
+    await database.write_records([lost])  # a new connection
+    assert await database.usage_since("a1", VOICE, T0) == 3
 
 
 async def test_ledger_pages_newest_first(database: Database) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,7 +17,11 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from creditd.db import outbox
 from creditd.db import tables as t
+from creditd.db.outbox import RecordBatch
+from creditd.db.outbox import epoch_us as _us
+from creditd.db.postgres_writer import PostgresWriter
 from creditd.domain.accounts import Account, AccountKind, ApiKey, BalanceSettings, BillingMode, Plan, Role
 from creditd.domain.rates import RateCard
 from creditd.domain.records import (
@@ -33,15 +37,7 @@ from creditd.domain.records import (
 from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
-# Transactions that insert events hold this Postgres advisory lock from just before their
-# event inserts until commit, so event seqs become visible in order and a poller reading
-# `seq > last_seen` never skips an event that commits late.
-_EVENTS_LOCK = 0x63726564_6576  # "cred" "ev"
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError)
-
-
-def _us(seconds: float) -> int:
-    return round(seconds * 1_000_000)
 
 
 def _ts(micros: int) -> float:
@@ -158,17 +154,6 @@ def _key(r: Mapping[Any, Any]) -> ApiKey:
     )
 
 
-def _entry_row(e: LedgerRecord) -> dict[str, Any]:
-    row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
-    row.update(
-        balance_type=int(e.balance_type),
-        kind=int(e.kind),
-        topup_kind=None if e.topup_kind is None else int(e.topup_kind),
-        created_at=_us(e.created_at),
-    )
-    return row
-
-
 def _entry(r: Mapping[Any, Any]) -> LedgerRecord:
     row = dict(r)
     del row["seq"]
@@ -181,17 +166,6 @@ def _entry(r: Mapping[Any, Any]) -> LedgerRecord:
     return LedgerRecord(**row)
 
 
-def _event_row(e: EventRecord) -> dict[str, Any]:
-    row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
-    row.update(
-        type=int(e.type),
-        balance_type=int(e.balance_type),
-        created_at=_us(e.created_at),
-        attributes=dict(e.attributes),
-    )
-    return row
-
-
 def _event(r: Mapping[Any, Any]) -> EventRecord:
     row = dict(r)
     del row["seq"]
@@ -201,12 +175,6 @@ def _event(r: Mapping[Any, Any]) -> EventRecord:
         created_at=_ts(r["created_at"]),
     )
     return EventRecord(**row)
-
-
-def _session_row(s: SessionRecord) -> dict[str, Any]:
-    row = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
-    row.update(reserved=dict(s.reserved), charged=dict(s.charged), updated_at=_us(s.updated_at))
-    return row
 
 
 def _session(r: Mapping[Any, Any]) -> SessionRecord:
@@ -242,6 +210,9 @@ class Database:
             raise ValueError(f"unsupported database dialect {self._dialect!r}")
         if self._dialect == "sqlite":
             sa_event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        # The write-behind's batches go through psycopg directly on Postgres; SQLite (the
+        # embedded default) writes them through SQLAlchemy. Both follow creditd.db.outbox.
+        self._postgres_writer = PostgresWriter(url) if self._dialect == "postgresql" else None
 
     @property
     def url(self) -> str:
@@ -263,6 +234,8 @@ class Database:
             await conn.execute(sa.text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._postgres_writer is not None:
+            await self._postgres_writer.close()
         await self._engine.dispose()
 
     # -- catalog ---------------------------------------------------------------------------
@@ -275,7 +248,7 @@ class Database:
                 raise AlreadyExists(
                     f"account {account.account_id} already exists", account_id=account.account_id
                 ) from None
-            await self._write(conn, records)
+            await self._write(conn, RecordBatch.of(records))
 
     async def update_account(self, account: Account) -> None:
         row = _account_row(account)
@@ -380,8 +353,8 @@ class Database:
                         "created_at": _us(entry.created_at),
                     },
                 )
-                await conn.execute(sa.insert(t.ledger_entries), _entry_row(entry))
-                await self._insert_events(conn, [_event_row(event)])
+                await conn.execute(sa.insert(t.ledger_entries), outbox.entry_row(entry))
+                await self._insert_events(conn, [outbox.event_row(event)])
             return entry, fingerprint, True
         except sa.exc.IntegrityError:
             pass
@@ -400,44 +373,32 @@ class Database:
         return _entry(original), original_fingerprint, False
 
     async def write_records(self, records: Sequence[Record]) -> None:
-        """Write outbox records; records already written (by id) are left as they are."""
-        if records:
-            async with self._tx() as conn:
-                await self._write(conn, records)
+        """Write outbox records in one transaction; records already written (by id) are left
+        as they are, and a session keeps its newest state (see creditd.db.outbox)."""
+        batch = RecordBatch.of(records)
+        if not batch:
+            return
+        if self._postgres_writer is not None:
+            await self._postgres_writer.write(batch)
+            return
+        async with self._tx() as conn:
+            await self._write(conn, batch)
 
-    async def _write(self, conn: AsyncConnection, records: Iterable[Record]) -> None:
-        entries: dict[str, dict[str, Any]] = {}
-        events: dict[str, dict[str, Any]] = {}
-        sessions: dict[str, SessionRecord] = {}
-        for record in records:
-            if isinstance(record, LedgerRecord):
-                entries.setdefault(record.entry_id, _entry_row(record))
-            elif isinstance(record, EventRecord):
-                events.setdefault(record.event_id, _event_row(record))
-            else:
-                previous = sessions.get(record.session_id)
-                if previous is None or previous.status != "settled" or record.status == "settled":
-                    sessions[record.session_id] = record
-        if entries:
-            stmt = self._insert(t.ledger_entries).on_conflict_do_nothing(index_elements=["entry_id"])
-            await conn.execute(stmt, list(entries.values()))
-        if sessions:
-            ins = self._insert(t.sessions)
-            upsert = ins.on_conflict_do_update(
-                index_elements=["session_id"],
-                set_={c.name: ins.excluded[c.name] for c in t.sessions.c if c.name != "session_id"},
-                where=sa.or_(t.sessions.c.status != "settled", ins.excluded.status == "settled"),
-            )
-            await conn.execute(upsert, [_session_row(s) for s in sessions.values()])
-        if events:
-            await self._insert_events(conn, list(events.values()))
+    async def _write(self, conn: AsyncConnection, batch: RecordBatch) -> None:
+        if batch.entries:
+            stmt = outbox.entry_insert(self._insert(t.ledger_entries))
+            await conn.execute(stmt, [outbox.entry_row(e) for e in batch.entries])
+        if batch.sessions:
+            stmt = outbox.session_upsert(self._insert(t.sessions))
+            await conn.execute(stmt, [outbox.session_row(s) for s in batch.sessions])
+        if batch.events:
+            await self._insert_events(conn, [outbox.event_row(e) for e in batch.events])
 
     async def _insert_events(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        """Insert events last in a transaction (see _EVENTS_LOCK)."""
+        """Insert events last in a transaction (see creditd.db.outbox.EVENTS_LOCK)."""
         if self._dialect == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_EVENTS_LOCK)))
-        stmt = self._insert(t.events).on_conflict_do_nothing(index_elements=["event_id"])
-        await conn.execute(stmt, rows)
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(outbox.EVENTS_LOCK)))
+        await conn.execute(outbox.event_insert(self._insert(t.events)), rows)
 
     async def list_ledger(
         self, account_id: str, balance_type: BalanceType | None, limit: int, cursor: str | None

@@ -1,0 +1,220 @@
+"""Outbox records as table rows, and the rules that make writing them twice harmless.
+
+The write-behind can hand the same record over more than once (several replicas drain one
+outbox; a process can die between its commit and its acknowledgement), so every write is
+idempotent by id, on either write path (SQLAlchemy in creditd.db.database for SQLite,
+psycopg in creditd.db.postgres_writer for Postgres):
+
+* a ledger entry or an event is inserted once; another copy with the same id is ignored;
+* a session row holds the newest state of its session. States are ordered by the session
+  itself, not by clocks (replicas' clocks differ): a settlement is final, and an open
+  session's grant only grows (each slice writes a state with a larger `granted_seconds`).
+  So a state replaces the stored one when it is a settlement, or when neither is settled
+  and it has granted at least as much. A late, stale slice never reopens a settled
+  session nor shrinks an open one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from creditd.db import tables as t
+from creditd.domain.records import EventRecord, LedgerRecord, Record, SessionRecord
+
+Insert = postgresql.Insert | sqlite.Insert
+SETTLED = "settled"
+
+# Transactions that insert events hold this Postgres advisory lock from just before their
+# event inserts until commit, so event seqs become visible in order and a poller reading
+# `seq > last_seen` never skips an event that commits late.
+EVENTS_LOCK = 0x63726564_6576  # "cred" "ev"
+
+
+def epoch_us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+# -- rows ----------------------------------------------------------------------------------
+# Each table's columns in the order of its values tuple (the seq columns are the database's).
+
+ENTRY_COLUMNS = (
+    "entry_id",
+    "account_id",
+    "balance_type",
+    "kind",
+    "topup_kind",
+    "amount_micros",
+    "free_micros",
+    "purchased_micros",
+    "usage_micros",
+    "seconds",
+    "created_at",
+    "session_id",
+    "message_id",
+    "idempotency_key",
+    "external_ref",
+)
+EVENT_COLUMNS = (
+    "event_id",
+    "account_id",
+    "type",
+    "balance_type",
+    "created_at",
+    "amount_micros",
+    "idempotency_key",
+    "session_id",
+    "reason",
+    "attributes",
+)
+SESSION_COLUMNS = (
+    "session_id",
+    "client_id",
+    "agency_id",
+    "channel",
+    "direction",
+    "provider",
+    "status",
+    "granted_seconds",
+    "billed_seconds",
+    "reserved",
+    "charged",
+    "updated_at",
+    "cutoff_reason",
+)
+
+
+def entry_values(e: LedgerRecord) -> tuple[Any, ...]:
+    topup_kind = None if e.topup_kind is None else int(e.topup_kind)
+    return (
+        e.entry_id,
+        e.account_id,
+        int(e.balance_type),
+        int(e.kind),
+        topup_kind,
+        e.amount_micros,
+        e.free_micros,
+        e.purchased_micros,
+        e.usage_micros,
+        e.seconds,
+        epoch_us(e.created_at),
+        e.session_id,
+        e.message_id,
+        e.idempotency_key,
+        e.external_ref,
+    )
+
+
+def event_values(e: EventRecord) -> tuple[Any, ...]:
+    return (
+        e.event_id,
+        e.account_id,
+        int(e.type),
+        int(e.balance_type),
+        epoch_us(e.created_at),
+        e.amount_micros,
+        e.idempotency_key,
+        e.session_id,
+        e.reason,
+        dict(e.attributes),
+    )
+
+
+def session_values(s: SessionRecord) -> tuple[Any, ...]:
+    return (
+        s.session_id,
+        s.client_id,
+        s.agency_id,
+        s.channel,
+        s.direction,
+        s.provider,
+        s.status,
+        s.granted_seconds,
+        s.billed_seconds,
+        dict(s.reserved),
+        dict(s.charged),
+        epoch_us(s.updated_at),
+        s.cutoff_reason,
+    )
+
+
+def entry_row(e: LedgerRecord) -> dict[str, Any]:
+    return dict(zip(ENTRY_COLUMNS, entry_values(e), strict=True))
+
+
+def event_row(e: EventRecord) -> dict[str, Any]:
+    return dict(zip(EVENT_COLUMNS, event_values(e), strict=True))
+
+
+def session_row(s: SessionRecord) -> dict[str, Any]:
+    return dict(zip(SESSION_COLUMNS, session_values(s), strict=True))
+
+
+# -- one batch -----------------------------------------------------------------------------
+
+
+def replaces(incoming: SessionRecord, stored: SessionRecord) -> bool:
+    """Whether `incoming` is the newer state of the session (the rule of the module doc;
+    session_upsert states it again for the database)."""
+    return incoming.status == SETTLED or (
+        stored.status != SETTLED and incoming.granted_seconds >= stored.granted_seconds
+    )
+
+
+@dataclass
+class RecordBatch:
+    """What one write-behind transaction writes: each entry and event once, in outbox order,
+    and only the newest state of each session."""
+
+    entries: list[LedgerRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+    sessions: list[SessionRecord] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, records: Iterable[Record]) -> RecordBatch:
+        entries: dict[str, LedgerRecord] = {}
+        events: dict[str, EventRecord] = {}
+        sessions: dict[str, SessionRecord] = {}
+        for record in records:
+            if isinstance(record, LedgerRecord):
+                entries.setdefault(record.entry_id, record)
+            elif isinstance(record, EventRecord):
+                events.setdefault(record.event_id, record)
+            else:
+                stored = sessions.get(record.session_id)
+                if stored is None or replaces(record, stored):
+                    sessions[record.session_id] = record
+        return cls(list(entries.values()), list(events.values()), list(sessions.values()))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.events or self.sessions)
+
+
+# -- statements ----------------------------------------------------------------------------
+# Both write paths build their inserts with these, so the conflict rules exist once.
+
+
+def entry_insert(insert: Insert) -> Insert:
+    return insert.on_conflict_do_nothing(index_elements=["entry_id"])
+
+
+def event_insert(insert: Insert) -> Insert:
+    return insert.on_conflict_do_nothing(index_elements=["event_id"])
+
+
+def session_upsert(insert: Insert) -> Insert:
+    """Write a session's state over the stored one when it is newer (see `replaces`)."""
+    stored, incoming = t.sessions.c, insert.excluded
+    newer = sa.or_(
+        incoming.status == SETTLED,
+        sa.and_(stored.status != SETTLED, incoming.granted_seconds >= stored.granted_seconds),
+    )
+    return insert.on_conflict_do_update(
+        index_elements=["session_id"],
+        set_={name: incoming[name] for name in SESSION_COLUMNS if name != "session_id"},
+        where=newer,
+    )
