@@ -6,7 +6,7 @@ import warnings
 
 from . import account_pb2 as creditd_dot_v1_dot_account__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class AccountServiceStub:
+class AccountServiceStub(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 
@@ -98,7 +98,7 @@ class AccountServiceStub:
                 _registered_method=True)
 
 
-class AccountServiceServicer:
+class AccountServiceServicer(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 
@@ -248,7 +248,7 @@ def add_AccountServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class AccountService:
+class AccountService(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 

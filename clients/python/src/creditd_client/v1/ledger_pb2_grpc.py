@@ -6,7 +6,7 @@ import warnings
 
 from . import ledger_pb2 as creditd_dot_v1_dot_ledger__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class LedgerServiceStub:
+class LedgerServiceStub(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
@@ -68,7 +68,7 @@ class LedgerServiceStub:
                 _registered_method=True)
 
 
-class LedgerServiceServicer:
+class LedgerServiceServicer(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
@@ -154,7 +154,7 @@ def add_LedgerServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LedgerService:
+class LedgerService(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
