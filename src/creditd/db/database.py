@@ -21,6 +21,7 @@ from creditd.db import tables as t
 from creditd.domain.accounts import Account, AccountKind, ApiKey, BalanceSettings, BillingMode, Plan, Role
 from creditd.domain.rates import RateCard
 from creditd.domain.records import (
+    USAGE_KINDS,
     BalanceType,
     EntryKind,
     EventRecord,
@@ -30,6 +31,7 @@ from creditd.domain.records import (
     SessionRecord,
     TopupKind,
 )
+from creditd.domain.usage import DAY_SECONDS, UsageGroup, UsageTotals, roll_up
 from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
@@ -406,12 +408,12 @@ class Database:
                 await self._write(conn, records)
 
     async def _write(self, conn: AsyncConnection, records: Iterable[Record]) -> None:
-        entries: dict[str, dict[str, Any]] = {}
+        entries: dict[str, LedgerRecord] = {}
         events: dict[str, dict[str, Any]] = {}
         sessions: dict[str, SessionRecord] = {}
         for record in records:
             if isinstance(record, LedgerRecord):
-                entries.setdefault(record.entry_id, _entry_row(record))
+                entries.setdefault(record.entry_id, record)
             elif isinstance(record, EventRecord):
                 events.setdefault(record.event_id, _event_row(record))
             else:
@@ -419,8 +421,15 @@ class Database:
                 if previous is None or previous.status != "settled" or record.status == "settled":
                     sessions[record.session_id] = record
         if entries:
-            stmt = self._insert(t.ledger_entries).on_conflict_do_nothing(index_elements=["entry_id"])
-            await conn.execute(stmt, list(entries.values()))
+            stmt = (
+                self._insert(t.ledger_entries)
+                .on_conflict_do_nothing(index_elements=["entry_id"])
+                .returning(t.ledger_entries.c.entry_id)
+            )
+            result = await conn.execute(stmt, [_entry_row(e) for e in entries.values()])
+            # Only the entries this transaction inserted count: one written before is summed already.
+            inserted = set(result.scalars())
+            await self._roll_up(conn, [e for entry_id, e in entries.items() if entry_id in inserted])
         if sessions:
             ins = self._insert(t.sessions)
             upsert = ins.on_conflict_do_update(
@@ -431,6 +440,23 @@ class Database:
             await conn.execute(upsert, [_session_row(s) for s in sessions.values()])
         if events:
             await self._insert_events(conn, list(events.values()))
+
+    async def _roll_up(self, conn: AsyncConnection, entries: list[LedgerRecord]) -> None:
+        """Add new usage entries to the daily rollup, in the transaction that inserts them."""
+        totals = roll_up(entries)
+        if not totals:
+            return
+        ins = self._insert(t.usage_daily)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[c.name for c in t.usage_daily.primary_key.columns],
+            set_={name: t.usage_daily.c[name] + ins.excluded[name] for name in _USAGE_SUMS},
+        )
+        # In key order, so that concurrent writers lock rollup rows in the same order.
+        rows = [
+            {**dataclasses.asdict(key), **dataclasses.asdict(value)}
+            for key, value in sorted(totals.items(), key=lambda item: dataclasses.astuple(item[0]))
+        ]
+        await conn.execute(stmt, rows)
 
     async def _insert_events(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         """Insert events last in a transaction (see _EVENTS_LOCK)."""
@@ -490,6 +516,92 @@ class Database:
             query = sa.select(t.events).where(c.account_id.in_(ids), c.seq > after_seq).order_by(c.seq).limit(limit)
             rows = list((await conn.execute(query)).mappings())
         return [_event(r) for r in rows], (int(rows[-1]["seq"]) if rows else after_seq)
+
+    async def usage(
+        self,
+        account_id: str,
+        balance_types: Sequence[BalanceType],
+        since_us: int,
+        until_us: int,
+        groups: Sequence[UsageGroup],
+    ) -> dict[tuple[object, ...], UsageTotals]:
+        """The account's usage in [since_us, until_us) (epoch microseconds), summed per value of
+        `groups` (the key tuple follows their order; no groups: one total under ()).
+
+        Whole UTC days come from the daily rollup; the parts of days at either end from the
+        ledger's (account, balance type, time) index. No call reads more than two days of entries.
+        """
+        day = DAY_SECONDS * 1_000_000
+        first_day, last_day = -(-since_us // day), until_us // day  # whole days: [first_day, last_day)
+        kinds = [int(b) for b in balance_types]
+        selects: list[sa.Select[Any]] = []
+        if first_day < last_day:
+            selects.append(self._rollup_query(account_id, kinds, first_day, last_day, groups))
+            edges = [(since_us, first_day * day), (last_day * day, until_us)]
+        else:
+            edges = [(since_us, until_us)]
+        selects += [self._ledger_usage_query(account_id, kinds, a, b, groups) for a, b in edges if a < b]
+        totals: dict[tuple[object, ...], UsageTotals] = {}
+        async with self._tx() as conn:
+            for query in selects:
+                for row in (await conn.execute(query)).all():
+                    key = tuple(row[: len(groups)])
+                    sums = [_sum(v) for v in row[len(groups) :]]
+                    totals.setdefault(key, UsageTotals()).add(UsageTotals(*sums))
+        return totals
+
+    def _rollup_query(
+        self, account_id: str, kinds: list[int], first_day: int, last_day: int, groups: Sequence[UsageGroup]
+    ) -> sa.Select[Any]:
+        c = t.usage_daily.c
+        columns = {
+            UsageGroup.CHANNEL: c.balance_type,
+            UsageGroup.PROVIDER: c.provider,
+            UsageGroup.DESTINATION_COUNTRY: c.destination_country,
+            UsageGroup.CLIENT: c.client_id,
+            UsageGroup.DAY: c.day,
+        }
+        keys = [columns[g] for g in groups]
+        sums = [sa.func.sum(c[name]) for name in _USAGE_SUMS]
+        return (
+            sa.select(*keys, *sums)
+            .where(c.account_id == account_id, c.balance_type.in_(kinds), c.day >= first_day, c.day < last_day)
+            .group_by(*keys)
+        )
+
+    def _ledger_usage_query(
+        self, account_id: str, kinds: list[int], since_us: int, until_us: int, groups: Sequence[UsageGroup]
+    ) -> sa.Select[Any]:
+        c = t.ledger_entries.c
+        day = sa.cast(c.created_at // (DAY_SECONDS * 1_000_000), sa.Integer)  # integer division: times are >= 0
+        columns = {
+            UsageGroup.CHANNEL: c.balance_type,
+            UsageGroup.PROVIDER: c.provider,
+            UsageGroup.DESTINATION_COUNTRY: c.destination_country,
+            UsageGroup.CLIENT: c.client_id,
+            UsageGroup.DAY: day,
+        }
+        keys = [columns[g] for g in groups]
+        voice, sms = c.kind == int(EntryKind.VOICE_USAGE), c.kind == int(EntryKind.SMS_USAGE)
+        sums = [
+            sa.func.sum(sa.case((voice, c.seconds), else_=0)),
+            sa.func.sum(sa.case((sms, c.seconds), else_=0)),
+            sa.func.sum(sa.case((sms, 1), else_=0)),
+            -sa.func.sum(c.free_micros),
+            -sa.func.sum(c.purchased_micros),
+            sa.func.sum(c.usage_micros),
+        ]
+        return (
+            sa.select(*keys, *sums)
+            .where(
+                c.account_id == account_id,
+                c.balance_type.in_(kinds),
+                c.created_at >= since_us,
+                c.created_at < until_us,
+                c.kind.in_([int(k) for k in USAGE_KINDS]),
+            )
+            .group_by(*keys)
+        )
 
     async def get_ledger_entry(self, entry_id: str) -> LedgerRecord | None:
         query = sa.select(t.ledger_entries).where(t.ledger_entries.c.entry_id == entry_id)
@@ -566,6 +678,10 @@ class Database:
         query = sa.select(c.message_id).where(c.kind == int(EntryKind.SMS_USAGE), c.created_at >= _us(since)).distinct()
         async with self._tx() as conn:
             return {str(m) for m in (await conn.scalars(query))}
+
+
+# The order of UsageTotals' fields.
+_USAGE_SUMS = ("voice_seconds", "sms_segments", "sms_messages", "free_micros", "purchased_micros", "usage_micros")
 
 
 def _next_cursor(rows: list[sa.RowMapping], limit: int) -> str | None:
