@@ -299,6 +299,31 @@ class Database:
             result = await conn.execute(sa.select(t.accounts).order_by(t.accounts.c.account_id))
             return [_account(r) for r in result.mappings()]
 
+    async def page_accounts(self, agency_id: str | None, limit: int, after: str | None) -> list[Account]:
+        """Up to `limit` accounts by id after `after`: the agency's clients, or (None) the agencies."""
+        _check_limit(limit)
+        c = t.accounts.c
+        if agency_id is None:
+            query = sa.select(t.accounts).where(c.kind == int(AccountKind.AGENCY))
+        else:
+            query = sa.select(t.accounts).where(c.agency_id == agency_id, c.kind == int(AccountKind.CLIENT))
+        if after is not None:
+            query = query.where(c.account_id > after)
+        async with self._tx() as conn:
+            result = await conn.execute(query.order_by(c.account_id).limit(limit))
+            return [_account(r) for r in result.mappings()]
+
+    async def page_plans(self, agency_id: str, limit: int, after: str | None) -> list[Plan]:
+        """Up to `limit` plans of the agency by plan id after `after`."""
+        _check_limit(limit)
+        c = t.plans.c
+        query = sa.select(t.plans).where(c.agency_id == agency_id)
+        if after is not None:
+            query = query.where(c.plan_id > after)
+        async with self._tx() as conn:
+            result = await conn.execute(query.order_by(c.plan_id).limit(limit))
+            return [_plan(r) for r in result.mappings()]
+
     async def insert_plan(self, plan: Plan) -> None:
         async with self._tx() as conn:
             try:

@@ -96,6 +96,16 @@ class AccountServiceStub(object):
                 request_serializer=creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.SerializeToString,
                 response_deserializer=creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/creditd.v1.AccountService/ListAccounts',
+                request_serializer=creditd_dot_v1_dot_account__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_account__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/creditd.v1.AccountService/ListPlans',
+                request_serializer=creditd_dot_v1_dot_account__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_account__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer(object):
@@ -177,6 +187,20 @@ class AccountServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """An agency's clients, or (a platform admin, empty agency_id) the agencies; by account_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """An agency's plans, by plan_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +263,16 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.ListApiKeys,
                     request_deserializer=creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.FromString,
                     response_serializer=creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=creditd_dot_v1_dot_account__pb2.ListAccountsRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_account__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=creditd_dot_v1_dot_account__pb2.ListPlansRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_account__pb2.ListPlansResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +600,60 @@ class AccountService(object):
             '/creditd.v1.AccountService/ListApiKeys',
             creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.SerializeToString,
             creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.AccountService/ListAccounts',
+            creditd_dot_v1_dot_account__pb2.ListAccountsRequest.SerializeToString,
+            creditd_dot_v1_dot_account__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.AccountService/ListPlans',
+            creditd_dot_v1_dot_account__pb2.ListPlansRequest.SerializeToString,
+            creditd_dot_v1_dot_account__pb2.ListPlansResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class LedgerServiceStub(object):
                 request_serializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/creditd.v1.LedgerService/GetUsage',
+                request_serializer=creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer(object):
@@ -113,6 +118,13 @@ class LedgerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """What an account consumed in a time range, grouped; the sums equal the ledger's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.FromString,
                     response_serializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class LedgerService(object):
             '/creditd.v1.LedgerService/WatchEvents',
             creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.SerializeToString,
             creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.LedgerService/GetUsage',
+            creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.SerializeToString,
+            creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
