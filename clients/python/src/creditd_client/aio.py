@@ -12,7 +12,8 @@ Every method has a sync twin on `creditd_client.Client`, except the sessions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -234,7 +235,48 @@ class Client(ClientBase):
             if not token:
                 return
 
+    async def get_usage(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        balance_type: EnumArg | None = None,
+        group_by: Iterable[EnumArg] = (),
+        timeout: float | None = None,
+    ) -> list[ledger_pb2.UsageRow]:
+        """What the account consumed in [start, end) (default: since the first entry, until now),
+        one row per group of `group_by` ("channel", "provider", "country", "client", "day")."""
+        return await self._run(calls.get_usage(account_id, start, end, balance_type, group_by), timeout)
+
     # -- accounts ----------------------------------------------------------------------------
+
+    async def list_accounts(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> AsyncIterator[account_pb2.Account]:
+        """The agency's clients by id (no agency: a platform admin's agencies, an agency
+        admin's own clients), fetched page by page as they are iterated."""
+        token = ""
+        while True:
+            page = await self._run(calls.list_accounts(agency_id, page_size, token), timeout)
+            for account in page.accounts:
+                yield account
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_plans(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> AsyncIterator[account_pb2.Plan]:
+        """The agency's plans by id (no agency: an agency admin's own), page by page."""
+        token = ""
+        while True:
+            page = await self._run(calls.list_plans(agency_id, page_size, token), timeout)
+            for plan in page.plans:
+                yield plan
+            token = page.next_page_token
+            if not token:
+                return
 
     async def create_agency(
         self,

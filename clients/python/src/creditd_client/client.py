@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -162,7 +163,46 @@ class Client(ClientBase):
             if not token:
                 return
 
+    def get_usage(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        balance_type: EnumArg | None = None,
+        group_by: Iterable[EnumArg] = (),
+        timeout: float | None = None,
+    ) -> list[ledger_pb2.UsageRow]:
+        """What the account consumed in [start, end) (default: since the first entry, until now),
+        one row per group of `group_by` ("channel", "provider", "country", "client", "day")."""
+        return self._run(calls.get_usage(account_id, start, end, balance_type, group_by), timeout)
+
     # -- accounts ----------------------------------------------------------------------------
+
+    def list_accounts(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> Iterator[account_pb2.Account]:
+        """The agency's clients by id (no agency: a platform admin's agencies, an agency
+        admin's own clients), fetched page by page as they are iterated."""
+        token = ""
+        while True:
+            page = self._run(calls.list_accounts(agency_id, page_size, token), timeout)
+            yield from page.accounts
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list_plans(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> Iterator[account_pb2.Plan]:
+        """The agency's plans by id (no agency: an agency admin's own), page by page."""
+        token = ""
+        while True:
+            page = self._run(calls.list_plans(agency_id, page_size, token), timeout)
+            yield from page.plans
+            token = page.next_page_token
+            if not token:
+                return
 
     def create_agency(
         self,
