@@ -21,6 +21,7 @@ import uuid
 
 from creditd_client import aio, format_credits, to_micros
 from creditd_client.pipecat import CreditdMeter
+from loguru import logger
 from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
@@ -40,7 +41,7 @@ class Speaker(FrameProcessor):
         elapsed = time.monotonic() - self.started
         if isinstance(frame, StartFrame):
             self.started = time.monotonic()
-            print("  0.0s bot: Hello, Acme Dental, how can I help?")
+            print("  0.0s call connected")
         elif isinstance(frame, TTSSpeakFrame):
             print(f"{elapsed:5.1f}s bot: {frame.text}")
         elif isinstance(frame, CancelFrame | EndFrame):
@@ -87,6 +88,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    logger.remove()  # Pipecat logs every step at DEBUG: keep its warnings only
+    logger.add(sys.stderr, level="WARNING")
     if not os.environ.get("CREDITD_TOKEN"):
         sys.exit("set CREDITD_TOKEN to the admin key that `creditd serve` printed")
     asyncio.run(main())
