@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +44,6 @@ from tests import services
 
 VOICE, SMS = BalanceType.VOICE, BalanceType.SMS
 T0 = 1_700_000_000.0  # every timestamp below is T0 plus a multiple of 1/4 s: exact in binary
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(upgrade, database_url)
-    db = Database(database_url)
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 def entry(account: str, free: int = 0, purchased: int = 0, usage: int = 0, **kw: Any) -> LedgerRecord:

@@ -211,6 +211,30 @@ async def _list_keys(api: Api, t: Tenant, _: Api) -> Any:
     return await api.accounts.ListApiKeys(request, metadata=api.metadata)
 
 
+def _list_accounts_of(pick: Callable[[Tenant], str]) -> Call:
+    async def list_accounts(api: Api, t: Tenant, _: Api) -> Any:
+        request = account_pb2.ListAccountsRequest(agency_id=pick(t))
+        return await api.accounts.ListAccounts(request, metadata=api.metadata)
+
+    return list_accounts
+
+
+async def _list_plans(api: Api, t: Tenant, _: Api) -> Any:
+    return await api.accounts.ListPlans(account_pb2.ListPlansRequest(agency_id=t.agency), metadata=api.metadata)
+
+
+def _usage_of(pick: Callable[[Tenant], str]) -> Call:
+    async def usage(api: Api, t: Tenant, _: Api) -> Any:
+        request = ledger_pb2.GetUsageRequest(account_id=pick(t), group_by=[ledger_pb2.USAGE_GROUP_CLIENT])
+        return await api.ledger.GetUsage(request, metadata=api.metadata)
+
+    return usage
+
+
+def _no_agency(t: Tenant) -> str:
+    return ""
+
+
 def _agency(t: Tenant) -> str:
     return t.agency
 
@@ -232,6 +256,8 @@ CASES = [
     Case("ListLedgerEntries of a client", L + "ListLedgerEntries", _ledger, EVERYONE),
     Case("ListEvents of a client", L + "ListEvents", _events, EVERYONE),
     Case("WatchEvents of a client", L + "WatchEvents", _watch_events, EVERYONE),
+    Case("GetUsage of a client", L + "GetUsage", _usage_of(_client), EVERYONE),
+    Case("GetUsage of an agency", L + "GetUsage", _usage_of(_agency), ADMINS),
     Case("CreateAgency", A + "CreateAgency", _create_agency, ONLY_PLATFORM),
     Case("CreatePlan", A + "CreatePlan", _create_plan, ADMINS),
     Case("UpdatePlan", A + "UpdatePlan", _update_plan, ADMINS),
@@ -262,6 +288,10 @@ CASES = [
     ),
     Case("RevokeApiKey of an agency's key", A + "RevokeApiKey", _revoke_key, ADMINS),
     Case("ListApiKeys of an agency", A + "ListApiKeys", _list_keys, ADMINS),
+    Case("ListAccounts of an agency", A + "ListAccounts", _list_accounts_of(_agency), ADMINS),
+    # No agency named: the agencies for a platform admin, its own clients for an agency admin.
+    Case("ListAccounts naming no agency", A + "ListAccounts", _list_accounts_of(_no_agency), ADMINS, ADMINS),
+    Case("ListPlans of an agency", A + "ListPlans", _list_plans, ADMINS),
 ]
 
 

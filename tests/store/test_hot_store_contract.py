@@ -390,7 +390,8 @@ async def test_settle_free_before_purchased_then_idempotent(store: HotStore) -> 
     assert (ag.free_micros, ag.purchased_micros, ag.reserved_micros, ag.used_micros) == (9_500_000, 0, 0, 500_000)
 
     records = [anonymous(r) for r in await drain(store)]
-    usage = dict(session_id="s1", seconds=30, created_at=T0 + 30)
+    # each entry names what it paid for: the session's client and provider
+    usage = dict(session_id="s1", seconds=30, created_at=T0 + 30, client_id="c1", provider="deepgram")
     assert records == [
         LedgerRecord("", "c1", VOICE, EntryKind.VOICE_USAGE, -500_000, -300_000, -200_000, 500_000, **usage),  # type: ignore[arg-type]
         LedgerRecord("", "ag", VOICE, EntryKind.VOICE_USAGE, -500_000, -500_000, 0, 500_000, **usage),  # type: ignore[arg-type]
@@ -448,7 +449,7 @@ async def test_settle_with_costs_naming_no_payer(store: HotStore) -> None:
 
 
 def sms(message_id: str, costs: dict[str, int], segments: int = 1, now: float = T0) -> SmsDebitRequest:
-    return SmsDebitRequest(message_id, "sms-1", AGENCY, "c1", segments, costs, now)
+    return SmsDebitRequest(message_id, "sms-1", AGENCY, "c1", segments, costs, now, destination_country="GB")
 
 
 async def test_debit_sms_all_or_nothing_and_idempotent(store: HotStore) -> None:
@@ -459,7 +460,8 @@ async def test_debit_sms_all_or_nothing_and_idempotent(store: HotStore) -> None:
     first = await store.debit_sms(sms("m1", costs, segments=2))
     assert (first.allowed, first.charged, first.duplicate) == (True, costs, False)
     records = [anonymous(r) for r in await drain(store)]
-    usage = dict(session_id="sms-1", message_id="m1", seconds=2, created_at=T0)
+    usage = dict(session_id="sms-1", message_id="m1", seconds=2, created_at=T0, client_id="c1")
+    usage["destination_country"] = "GB"
     assert records == [
         LedgerRecord("", "c1", SMS, EntryKind.SMS_USAGE, -332_000, 0, -332_000, 332_000, **usage),  # type: ignore[arg-type]
         LedgerRecord("", "ag", SMS, EntryKind.SMS_USAGE, -166_000, -166_000, 0, 166_000, **usage),  # type: ignore[arg-type]

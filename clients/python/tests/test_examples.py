@@ -47,3 +47,15 @@ async def test_sms_sender_sends_until_denied(server: Running) -> None:
     ]
     assert "sender closed: Cutoff(reason='DENY_REASON_CLIENT_CREDITS_EXHAUSTED', billed_seconds=0)" in text
     assert "0.102 SMS credits left" in text
+
+
+async def test_pipecat_bot_is_cut_off_with_a_goodbye_and_the_next_call_refused(server: Running) -> None:
+    text = await run_example("pipecat_bot.py", server)
+    lines = text.splitlines()
+    goodbye = next(i for i, line in enumerate(lines) if "bot: I'm sorry, we're out of time. Goodbye!" in line)
+    ended = next(i for i, line in enumerate(lines) if "call ended (CancelFrame)" in line)
+    assert goodbye < ended
+    assert "first call: Cutoff(reason='DENY_REASON_CLIENT_CREDITS_EXHAUSTED', billed_seconds=6)" in text
+    assert "0 credits left" in text
+    assert "bot: This line can't take calls right now. Goodbye." in text
+    assert "second call refused: DENY_REASON_CLIENT_CREDITS_EXHAUSTED" in text

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditd.domain.accounts import Account, ApiKey, Plan
 from creditd.domain.rates import RateCard
 from creditd.domain.records import BalanceType, EventRecord, LedgerRecord
+from creditd.domain.usage import DAY_SECONDS, UsageGroup, UsageTotals
 from creditd.domain.wallet import WalletState
 from creditd.engine import messages
 from creditd.engine.validation import require_rate, sms_rates, voice_rates
@@ -129,6 +132,9 @@ def ledger_entry(entry: LedgerRecord) -> ledger_pb2.LedgerEntry:
         external_ref=entry.external_ref,
         seconds=entry.seconds,
         created_at=timestamp(entry.created_at),
+        client_id=entry.client_id,
+        provider=entry.provider,
+        destination_country=entry.destination_country,
     )
 
 
@@ -209,3 +215,31 @@ def stream_response(message: messages.Message) -> metering_pb2.StreamUsageRespon
                 )
             )
     raise TypeError(message)
+
+
+def usage_row(groups: list[UsageGroup], key: tuple[object, ...], totals: UsageTotals) -> ledger_pb2.UsageRow:
+    """One row of GetUsage: the values of `groups` (in key order) and the group's totals."""
+    row = ledger_pb2.UsageRow(
+        voice_seconds=totals.voice_seconds,
+        sms_segments=totals.sms_segments,
+        sms_messages=totals.sms_messages,
+        charged_micros=totals.charged_micros,
+        free_micros=totals.free_micros,
+        purchased_micros=totals.purchased_micros,
+        usage_micros=totals.usage_micros,
+    )
+    for group, value in zip(groups, key, strict=True):
+        if group is UsageGroup.CHANNEL:
+            row.channel = int(value)  # type: ignore[call-overload]  # a usage entry's channel is its balance type
+        elif group is UsageGroup.DAY:
+            row.day = time.strftime("%Y-%m-%d", time.gmtime(int(value) * DAY_SECONDS))  # type: ignore[call-overload]
+        else:
+            setattr(row, _USAGE_ROW_FIELDS[group], str(value))
+    return row
+
+
+_USAGE_ROW_FIELDS = {
+    UsageGroup.PROVIDER: "provider",
+    UsageGroup.DESTINATION_COUNTRY: "destination_country",
+    UsageGroup.CLIENT: "client_id",
+}

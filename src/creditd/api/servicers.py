@@ -18,11 +18,12 @@ from creditd_client.v1 import (
 )
 
 from creditd import logs
-from creditd.api import convert
-from creditd.api.auth import Action, Authenticator
+from creditd.api import convert, requests
+from creditd.api.auth import Action, Authenticator, Principal
 from creditd.api.errors import abort, streaming, unary
 from creditd.domain.accounts import Account, AccountKind, BillingMode, Channel, Direction, Plan, Role
 from creditd.domain.records import BalanceType, TopupKind
+from creditd.domain.usage import UsageTotals
 from creditd.domain.wallet import RefillSettings
 from creditd.engine import validation
 from creditd.engine.accounts import Accounts
@@ -35,8 +36,6 @@ from creditd.telemetry import Telemetry, deny_reason_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 
 
 def _enum(value: int, kind: type[Any], field: str, allowed: str) -> Any:
@@ -44,12 +43,6 @@ def _enum(value: int, kind: type[Any], field: str, allowed: str) -> Any:
         return kind(value)
     except ValueError:
         raise InvalidArgument(f"{field} must be {allowed}", field) from None
-
-
-def _page_size(value: int) -> int:
-    if value < 0 or value > MAX_PAGE_SIZE:
-        raise InvalidArgument(f"page_size must be 0-{MAX_PAGE_SIZE}", "page_size")
-    return value or DEFAULT_PAGE_SIZE
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -211,7 +204,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
         kind = convert.balance_type(request.balance_type) if request.balance_type else None
         entries, cursor = await self.ledger.entries(
-            request.account_id, kind, _page_size(request.page_size), request.page_token or None
+            request.account_id, kind, requests.page_size(request.page_size), request.page_token or None
         )
         return ledger_pb2.ListLedgerEntriesResponse(
             entries=[convert.ledger_entry(e) for e in entries], next_page_token=cursor or ""
@@ -223,7 +216,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         validation.require_id(request.account_id, "account_id")
         principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
         events, cursor = await self.ledger.events(
-            request.account_id, _page_size(request.page_size), request.page_token or None
+            request.account_id, requests.page_size(request.page_size), request.page_token or None
         )
         return ledger_pb2.ListEventsResponse(events=[convert.event(e) for e in events], next_page_token=cursor or "")
 
@@ -243,6 +236,25 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 await changes.get()
                 # The key may have been revoked since: a watch lasts only as long as its key.
                 await self.auth.principal(context)
+
+    @unary
+    async def GetUsage(self, request: ledger_pb2.GetUsageRequest, context: Ctx) -> ledger_pb2.GetUsageResponse:
+        principal = await self.auth.principal(context)
+        validation.require_id(request.account_id, "account_id")
+        balance_types = [convert.balance_type(request.balance_type)] if request.balance_type else list(BalanceType)
+        groups = requests.usage_groups(request.group_by)
+        since, until = requests.time_range(
+            request.start_time,
+            request.HasField("start_time"),
+            request.end_time,
+            request.HasField("end_time"),
+            round(self.ctx.now() * 1_000_000),
+        )
+        principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
+        rows = await self.ledger.usage(request.account_id, balance_types, since, until, groups)
+        if not groups and not rows:
+            rows = [((), UsageTotals())]  # no group: always the one total
+        return ledger_pb2.GetUsageResponse(rows=[convert.usage_row(groups, key, totals) for key, totals in rows])
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
@@ -453,6 +465,40 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             principal.require(Action.MANAGE, await self.ctx.catalog.account(account_id))
         keys = await self.accounts.list_api_keys(account_id)
         return account_pb2.ListApiKeysResponse(api_keys=[convert.api_key(k) for k in keys])
+
+    @unary
+    async def ListAccounts(
+        self, request: account_pb2.ListAccountsRequest, context: Ctx
+    ) -> account_pb2.ListAccountsResponse:
+        principal = await self.auth.principal(context)
+        size, after = requests.page_size(request.page_size), requests.id_page_token(request.page_token)
+        agency_id = self._agency_of(request.agency_id, principal)
+        if agency_id is None:
+            principal.require(Action.PLATFORM)
+        else:
+            principal.require(Action.MANAGE, agency_id=agency_id)
+        accounts, cursor = await self.accounts.list_accounts(agency_id, size, after)
+        return account_pb2.ListAccountsResponse(
+            accounts=[convert.account(a) for a in accounts], next_page_token=cursor or ""
+        )
+
+    @unary
+    async def ListPlans(self, request: account_pb2.ListPlansRequest, context: Ctx) -> account_pb2.ListPlansResponse:
+        principal = await self.auth.principal(context)
+        size, after = requests.page_size(request.page_size), requests.id_page_token(request.page_token)
+        agency_id = self._agency_of(request.agency_id, principal)
+        if agency_id is None:
+            raise InvalidArgument("agency_id is required", "agency_id")
+        principal.require(Action.MANAGE, agency_id=agency_id)
+        plans, cursor = await self.accounts.list_plans(agency_id, size, after)
+        return account_pb2.ListPlansResponse(plans=[convert.plan(p) for p in plans], next_page_token=cursor or "")
+
+    @staticmethod
+    def _agency_of(agency_id: str, principal: Principal) -> str | None:
+        """The agency a list request names; empty names the key's own (none for a platform admin)."""
+        if agency_id:
+            return validation.require_id(agency_id, "agency_id")
+        return None if principal.role is Role.PLATFORM_ADMIN else principal.account_id
 
 
 def _deny_reason_label(value: int) -> str:

@@ -25,6 +25,7 @@ from creditd.db.postgres_writer import PostgresWriter
 from creditd.domain.accounts import Account, AccountKind, ApiKey, BalanceSettings, BillingMode, Plan, Role
 from creditd.domain.rates import RateCard
 from creditd.domain.records import (
+    USAGE_KINDS,
     BalanceType,
     EntryKind,
     EventRecord,
@@ -34,6 +35,7 @@ from creditd.domain.records import (
     SessionRecord,
     TopupKind,
 )
+from creditd.domain.usage import DAY_SECONDS, UsageGroup, UsageTotals
 from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
@@ -270,6 +272,31 @@ class Database:
             result = await conn.execute(sa.select(t.accounts).order_by(t.accounts.c.account_id))
             return [_account(r) for r in result.mappings()]
 
+    async def page_accounts(self, agency_id: str | None, limit: int, after: str | None) -> list[Account]:
+        """Up to `limit` accounts by id after `after`: the agency's clients, or (None) the agencies."""
+        _check_limit(limit)
+        c = t.accounts.c
+        if agency_id is None:
+            query = sa.select(t.accounts).where(c.kind == int(AccountKind.AGENCY))
+        else:
+            query = sa.select(t.accounts).where(c.agency_id == agency_id, c.kind == int(AccountKind.CLIENT))
+        if after is not None:
+            query = query.where(c.account_id > after)
+        async with self._tx() as conn:
+            result = await conn.execute(query.order_by(c.account_id).limit(limit))
+            return [_account(r) for r in result.mappings()]
+
+    async def page_plans(self, agency_id: str, limit: int, after: str | None) -> list[Plan]:
+        """Up to `limit` plans of the agency by plan id after `after`."""
+        _check_limit(limit)
+        c = t.plans.c
+        query = sa.select(t.plans).where(c.agency_id == agency_id)
+        if after is not None:
+            query = query.where(c.plan_id > after)
+        async with self._tx() as conn:
+            result = await conn.execute(query.order_by(c.plan_id).limit(limit))
+            return [_plan(r) for r in result.mappings()]
+
     async def insert_plan(self, plan: Plan) -> None:
         async with self._tx() as conn:
             try:
@@ -386,8 +413,12 @@ class Database:
 
     async def _write(self, conn: AsyncConnection, batch: RecordBatch) -> None:
         if batch.entries:
-            stmt = outbox.entry_insert(self._insert(t.ledger_entries))
-            await conn.execute(stmt, [outbox.entry_row(e) for e in batch.entries])
+            result = await conn.execute(
+                outbox.entry_insert(self._insert(t.ledger_entries)), [outbox.entry_row(e) for e in batch.entries]
+            )
+            usage = outbox.usage_rows(batch.entries, set(result.scalars()))
+            if usage:
+                await conn.execute(outbox.usage_upsert(self._insert(t.usage_daily)), usage)
         if batch.sessions:
             stmt = outbox.session_upsert(self._insert(t.sessions))
             await conn.execute(stmt, [outbox.session_row(s) for s in batch.sessions])
@@ -451,6 +482,92 @@ class Database:
             query = sa.select(t.events).where(c.account_id.in_(ids), c.seq > after_seq).order_by(c.seq).limit(limit)
             rows = list((await conn.execute(query)).mappings())
         return [_event(r) for r in rows], (int(rows[-1]["seq"]) if rows else after_seq)
+
+    async def usage(
+        self,
+        account_id: str,
+        balance_types: Sequence[BalanceType],
+        since_us: int,
+        until_us: int,
+        groups: Sequence[UsageGroup],
+    ) -> dict[tuple[object, ...], UsageTotals]:
+        """The account's usage in [since_us, until_us) (epoch microseconds), summed per value of
+        `groups` (the key tuple follows their order; no groups: one total under ()).
+
+        Whole UTC days come from the daily rollup; the parts of days at either end from the
+        ledger's (account, balance type, time) index. No call reads more than two days of entries.
+        """
+        day = DAY_SECONDS * 1_000_000
+        first_day, last_day = -(-since_us // day), until_us // day  # whole days: [first_day, last_day)
+        kinds = [int(b) for b in balance_types]
+        selects: list[sa.Select[Any]] = []
+        if first_day < last_day:
+            selects.append(self._rollup_query(account_id, kinds, first_day, last_day, groups))
+            edges = [(since_us, first_day * day), (last_day * day, until_us)]
+        else:
+            edges = [(since_us, until_us)]
+        selects += [self._ledger_usage_query(account_id, kinds, a, b, groups) for a, b in edges if a < b]
+        totals: dict[tuple[object, ...], UsageTotals] = {}
+        async with self._tx() as conn:
+            for query in selects:
+                for row in (await conn.execute(query)).all():
+                    key = tuple(row[: len(groups)])
+                    sums = [_sum(v) for v in row[len(groups) :]]
+                    totals.setdefault(key, UsageTotals()).add(UsageTotals(*sums))
+        return totals
+
+    def _rollup_query(
+        self, account_id: str, kinds: list[int], first_day: int, last_day: int, groups: Sequence[UsageGroup]
+    ) -> sa.Select[Any]:
+        c = t.usage_daily.c
+        columns = {
+            UsageGroup.CHANNEL: c.balance_type,
+            UsageGroup.PROVIDER: c.provider,
+            UsageGroup.DESTINATION_COUNTRY: c.destination_country,
+            UsageGroup.CLIENT: c.client_id,
+            UsageGroup.DAY: c.day,
+        }
+        keys = [columns[g] for g in groups]
+        sums = [sa.func.sum(c[name]) for name in _USAGE_SUMS]
+        return (
+            sa.select(*keys, *sums)
+            .where(c.account_id == account_id, c.balance_type.in_(kinds), c.day >= first_day, c.day < last_day)
+            .group_by(*keys)
+        )
+
+    def _ledger_usage_query(
+        self, account_id: str, kinds: list[int], since_us: int, until_us: int, groups: Sequence[UsageGroup]
+    ) -> sa.Select[Any]:
+        c = t.ledger_entries.c
+        day = sa.cast(c.created_at // (DAY_SECONDS * 1_000_000), sa.Integer)  # integer division: times are >= 0
+        columns = {
+            UsageGroup.CHANNEL: c.balance_type,
+            UsageGroup.PROVIDER: c.provider,
+            UsageGroup.DESTINATION_COUNTRY: c.destination_country,
+            UsageGroup.CLIENT: c.client_id,
+            UsageGroup.DAY: day,
+        }
+        keys = [columns[g] for g in groups]
+        voice, sms = c.kind == int(EntryKind.VOICE_USAGE), c.kind == int(EntryKind.SMS_USAGE)
+        sums = [
+            sa.func.sum(sa.case((voice, c.seconds), else_=0)),
+            sa.func.sum(sa.case((sms, c.seconds), else_=0)),
+            sa.func.sum(sa.case((sms, 1), else_=0)),
+            -sa.func.sum(c.free_micros),
+            -sa.func.sum(c.purchased_micros),
+            sa.func.sum(c.usage_micros),
+        ]
+        return (
+            sa.select(*keys, *sums)
+            .where(
+                c.account_id == account_id,
+                c.balance_type.in_(kinds),
+                c.created_at >= since_us,
+                c.created_at < until_us,
+                c.kind.in_([int(k) for k in USAGE_KINDS]),
+            )
+            .group_by(*keys)
+        )
 
     async def get_ledger_entry(self, entry_id: str) -> LedgerRecord | None:
         query = sa.select(t.ledger_entries).where(t.ledger_entries.c.entry_id == entry_id)
@@ -527,6 +644,10 @@ class Database:
         query = sa.select(c.message_id).where(c.kind == int(EntryKind.SMS_USAGE), c.created_at >= _us(since)).distinct()
         async with self._tx() as conn:
             return {str(m) for m in (await conn.scalars(query))}
+
+
+# The order of UsageTotals' fields.
+_USAGE_SUMS = ("voice_seconds", "sms_segments", "sms_messages", "free_micros", "purchased_micros", "usage_micros")
 
 
 def _next_cursor(rows: list[sa.RowMapping], limit: int) -> str | None:

@@ -5,7 +5,8 @@ outbox; a process can die between its commit and its acknowledgement), so every 
 idempotent by id, on either write path (SQLAlchemy in creditd.db.database for SQLite,
 psycopg in creditd.db.postgres_writer for Postgres):
 
-* a ledger entry or an event is inserted once; another copy with the same id is ignored;
+* a ledger entry or an event is inserted once; another copy with the same id is ignored,
+  and a usage entry adds to the daily usage rollup only when it is inserted;
 * a session row holds the newest state of its session. States are ordered by the session
   itself, not by clocks (replicas' clocks differ): a settlement is final, and an open
   session's grant only grows (each slice writes a state with a larger `granted_seconds`).
@@ -16,15 +17,18 @@ psycopg in creditd.db.postgres_writer for Postgres):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from creditd.db import tables as t
 from creditd.domain.records import EventRecord, LedgerRecord, Record, SessionRecord
+from creditd.domain.usage import UsageTotals, roll_up
 
 Insert = postgresql.Insert | sqlite.Insert
 SETTLED = "settled"
@@ -58,6 +62,9 @@ ENTRY_COLUMNS = (
     "message_id",
     "idempotency_key",
     "external_ref",
+    "client_id",
+    "provider",
+    "destination_country",
 )
 EVENT_COLUMNS = (
     "event_id",
@@ -106,6 +113,9 @@ def entry_values(e: LedgerRecord) -> tuple[Any, ...]:
         e.message_id,
         e.idempotency_key,
         e.external_ref,
+        e.client_id,
+        e.provider,
+        e.destination_country,
     )
 
 
@@ -198,12 +208,35 @@ class RecordBatch:
 # Both write paths build their inserts with these, so the conflict rules exist once.
 
 
-def entry_insert(insert: Insert) -> Insert:
-    return insert.on_conflict_do_nothing(index_elements=["entry_id"])
+def entry_insert(insert: Insert) -> ReturningInsert[Any]:
+    """Insert entries not written yet; returns the ids of those it inserted."""
+    return insert.on_conflict_do_nothing(index_elements=["entry_id"]).returning(t.ledger_entries.c.entry_id)
 
 
 def event_insert(insert: Insert) -> Insert:
     return insert.on_conflict_do_nothing(index_elements=["event_id"])
+
+
+def usage_rows(entries: Iterable[LedgerRecord], inserted: Collection[str]) -> list[dict[str, Any]]:
+    """Rows adding the usage of the entries this transaction inserted to the daily rollup
+    (an entry written before is counted already), in key order so that concurrent writers
+    lock rollup rows in the same order."""
+    totals = roll_up([e for e in entries if e.entry_id in inserted])
+    return [
+        {**dataclasses.asdict(key), **dataclasses.asdict(value)}
+        for key, value in sorted(totals.items(), key=lambda item: dataclasses.astuple(item[0]))
+    ]
+
+
+USAGE_SUMS = tuple(f.name for f in dataclasses.fields(UsageTotals))
+
+
+def usage_upsert(insert: Insert) -> Insert:
+    """Add to the rollup row of the key, or create it."""
+    return insert.on_conflict_do_update(
+        index_elements=[c.name for c in t.usage_daily.primary_key.columns],
+        set_={name: t.usage_daily.c[name] + insert.excluded[name] for name in USAGE_SUMS},
+    )
 
 
 def session_upsert(insert: Insert) -> Insert:

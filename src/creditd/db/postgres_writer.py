@@ -38,7 +38,7 @@ class _Stage:
     insert: str
 
 
-def _stage(table: sa.Table, columns: Sequence[str], conflict: Callable[[outbox.Insert], outbox.Insert]) -> _Stage:
+def _stage(table: sa.Table, columns: Sequence[str], conflict: Callable[[outbox.Insert], sa.ClauseElement]) -> _Stage:
     name = f"creditd_stage_{table.name}"
     names = ", ".join(columns)
     # stage_n keeps outbox order: ledger and event seqs are assigned in it
@@ -56,7 +56,16 @@ def _stage(table: sa.Table, columns: Sequence[str], conflict: Callable[[outbox.I
     )
 
 
-_ENTRIES = _stage(t.ledger_entries, outbox.ENTRY_COLUMNS, outbox.entry_insert)
+_ENTRIES = _stage(
+    t.ledger_entries,
+    outbox.ENTRY_COLUMNS,
+    lambda insert: outbox.entry_insert(insert).returning(t.ledger_entries.c.entry_id),
+)
+_USAGE_UPSERT = str(
+    outbox.usage_upsert(postgresql.insert(t.usage_daily)).compile(
+        dialect=_POSTGRES, column_keys=[c.name for c in t.usage_daily.c]
+    )
+)
 _SESSIONS = _stage(t.sessions, outbox.SESSION_COLUMNS, outbox.session_upsert)
 _EVENTS = _stage(t.events, outbox.EVENT_COLUMNS, outbox.event_insert)
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
@@ -139,3 +148,8 @@ class PostgresWriter:
                     if stage is _EVENTS:
                         await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (outbox.EVENTS_LOCK,))
                     await cursor.execute(stage.insert)
+                    if stage is _ENTRIES:
+                        inserted = {row[0] for row in await cursor.fetchall()}
+                        usage = outbox.usage_rows(batch.entries, inserted)
+                        if usage:
+                            await cursor.executemany(_USAGE_UPSERT, usage)

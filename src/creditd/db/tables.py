@@ -83,9 +83,33 @@ ledger_entries = sa.Table(
     sa.Column("message_id", sa.String, nullable=False),
     sa.Column("idempotency_key", sa.String, nullable=False),
     sa.Column("external_ref", sa.String, nullable=False),
+    # What a usage entry was for (empty on other entries).
+    sa.Column("client_id", sa.String, nullable=False, server_default=""),
+    sa.Column("provider", sa.String, nullable=False, server_default=""),
+    sa.Column("destination_country", sa.String, nullable=False, server_default=""),
     sa.Index(None, "account_id", "seq"),
     sa.Index(None, "account_id", "balance_type", "created_at"),
     sa.Index(None, "created_at"),
+)
+
+# The usage entries of the ledger summed per account, balance, UTC day and what they were for,
+# kept in the transaction that inserts the entries, so GetUsage reads days, not entries.
+# Amounts are what was consumed (positive); charged = free + purchased.
+usage_daily = sa.Table(
+    "usage_daily",
+    metadata,
+    sa.Column("account_id", sa.String, primary_key=True),
+    sa.Column("balance_type", sa.Integer, primary_key=True),
+    sa.Column("day", sa.Integer, primary_key=True),  # days since 1970-01-01 UTC
+    sa.Column("client_id", sa.String, primary_key=True),
+    sa.Column("provider", sa.String, primary_key=True),
+    sa.Column("destination_country", sa.String, primary_key=True),
+    sa.Column("voice_seconds", sa.BigInteger, nullable=False),
+    sa.Column("sms_segments", sa.BigInteger, nullable=False),
+    sa.Column("sms_messages", sa.BigInteger, nullable=False),
+    sa.Column("free_micros", sa.BigInteger, nullable=False),
+    sa.Column("purchased_micros", sa.BigInteger, nullable=False),
+    sa.Column("usage_micros", sa.BigInteger, nullable=False),
 )
 
 # Top-up idempotency keys: one row per key, written in the transaction of its entry.

@@ -66,7 +66,14 @@ class LedgerRecord:
     message_id: str = ""
     idempotency_key: str = ""
     external_ref: str = ""
-    seconds: int = 0
+    seconds: int = 0  # voice usage: billed seconds; SMS usage: segments
+    # Usage entries: what the usage was for, so it can be summed by client, provider and country.
+    client_id: str = ""
+    provider: str = ""
+    destination_country: str = ""
+
+
+USAGE_KINDS = (EntryKind.VOICE_USAGE, EntryKind.SMS_USAGE)
 
 
 @dataclass(frozen=True)

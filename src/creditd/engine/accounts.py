@@ -61,11 +61,7 @@ class Accounts:
         return account
 
     async def create_client(self, account: Account) -> Account:
-        agency = await self.ctx.catalog.account(account.agency_id)
-        if not agency.is_agency:
-            raise FailedPrecondition(
-                f"{agency.account_id} is not an agency", "NOT_AN_AGENCY", agency_id=agency.account_id
-            )
+        await self._agency(account.agency_id)
         if account.billing_mode not in (BillingMode.REBILLING, BillingMode.AGENCY_PAID):
             raise InvalidArgument("billing_mode must be REBILLING or AGENCY_PAID", "billing_mode")
         plan = await self.ctx.catalog.plan(account.agency_id, account.plan_id)
@@ -111,6 +107,21 @@ class Accounts:
     async def get(self, account_id: str) -> Account:
         return await self.ctx.catalog.account(account_id)
 
+    async def list_accounts(
+        self, agency_id: str | None, page_size: int, after: str | None
+    ) -> tuple[list[Account], str | None]:
+        """A page of the agency's clients (None: of the agencies) by id, and the token of the next."""
+        if agency_id is not None:
+            await self._agency(agency_id)
+        found = await self.ctx.db.page_accounts(agency_id, page_size + 1, after)
+        return found[:page_size], found[page_size - 1].account_id if len(found) > page_size else None
+
+    async def _agency(self, agency_id: str) -> Account:
+        agency = await self.ctx.catalog.account(agency_id)
+        if not agency.is_agency:
+            raise FailedPrecondition(f"{agency_id} is not an agency", "NOT_AN_AGENCY", agency_id=agency_id)
+        return agency
+
     async def update_subscription(self, account_id: str, inbound: bool | None, outbound: bool | None) -> Account:
         account = await self.ctx.catalog.account(account_id)
         if inbound is not None:
@@ -154,14 +165,16 @@ class Accounts:
     # -- plans -------------------------------------------------------------------------
 
     async def create_plan(self, plan: Plan) -> Plan:
-        agency = await self.ctx.catalog.account(plan.agency_id)
-        if not agency.is_agency:
-            raise FailedPrecondition(
-                f"{agency.account_id} is not an agency", "NOT_AN_AGENCY", agency_id=agency.account_id
-            )
+        await self._agency(plan.agency_id)
         await self.ctx.db.insert_plan(plan)
         self.ctx.catalog.put_plan(plan)
         return plan
+
+    async def list_plans(self, agency_id: str, page_size: int, after: str | None) -> tuple[list[Plan], str | None]:
+        """A page of the agency's plans by id, and the token of the next page (None: last)."""
+        await self._agency(agency_id)
+        found = await self.ctx.db.page_plans(agency_id, page_size + 1, after)
+        return found[:page_size], found[page_size - 1].plan_id if len(found) > page_size else None
 
     async def get_plan(self, agency_id: str, plan_id: str) -> Plan:
         return await self.ctx.catalog.plan(agency_id, plan_id)

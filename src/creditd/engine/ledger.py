@@ -17,6 +17,7 @@ from creditd.domain.records import (
     TopupKind,
     new_id,
 )
+from creditd.domain.usage import UsageGroup, UsageTotals
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
 from creditd.errors import FailedPrecondition, NotFound, StoreUnavailable
@@ -127,3 +128,17 @@ class Ledger:
         await self.ctx.catalog.account(account_id)
         await self._caught_up()
         return await self.ctx.db.list_events([account_id], page_size, cursor)
+
+    async def usage(
+        self,
+        account_id: str,
+        balance_types: list[BalanceType],
+        since_us: int,
+        until_us: int,
+        groups: list[UsageGroup],
+    ) -> list[tuple[tuple[object, ...], UsageTotals]]:
+        """The account's usage in [since_us, until_us) per group, ordered by the groups' values."""
+        await self.ctx.catalog.account(account_id)
+        await self._caught_up()
+        totals = await self.ctx.db.usage(account_id, balance_types, since_us, until_us, groups)
+        return sorted(totals.items(), key=lambda item: item[0])

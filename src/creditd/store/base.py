@@ -89,6 +89,7 @@ class SmsDebitRequest:
     segments: int
     costs: dict[str, int]  # account id -> micro-credits, every payer of the message
     now: float
+    destination_country: str = ""  # recorded on the usage entries
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class EmbeddedHotStore(HotStore):
             before = wallet.alert_level()
             free, purchased = wallet.settle(reserved, cost)
             charged[account_id] = cost
-            self._emit([_usage_entry(wallet, EntryKind.VOICE_USAGE, free, purchased, cost, request)])
+            self._emit([_usage_entry(wallet, EntryKind.VOICE_USAGE, free, purchased, cost, request, state)])
             self._emit(wallet.alerts(before, request.now))
         if request.cutoff_reason:
             self._emit([_cutoff_event(state, request)])
@@ -314,11 +314,15 @@ def _usage_entry(
     purchased: int,
     usage: int,
     request: SettleRequest | SmsDebitRequest,
+    session: SessionState | None = None,
 ) -> LedgerRecord:
     if isinstance(request, SmsDebitRequest):
         message_id, quantity = request.message_id, request.segments
+        client_id, provider, country = request.client_id, "", request.destination_country
     else:
+        assert session is not None
         message_id, quantity = "", request.billed_seconds
+        client_id, provider, country = session.client_id, session.provider, ""
     return LedgerRecord(
         entry_id=new_id(),
         account_id=wallet.account_id,
@@ -332,4 +336,7 @@ def _usage_entry(
         session_id=request.session_id,
         message_id=message_id,
         seconds=quantity,
+        client_id=client_id,
+        provider=provider,
+        destination_country=country,
     )

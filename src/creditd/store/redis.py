@@ -448,6 +448,8 @@ class RedisHotStore(HotStore):
         args: list[str | int] = [
             request.message_id,
             request.session_id,
+            request.client_id,
+            request.destination_country,
             request.segments,
             self._settled_ttl,
             len(accounts),
@@ -738,6 +740,9 @@ def decode_record(text: str) -> Record:
             idempotency_key=data.get("idempotency_key", ""),
             external_ref=data.get("external_ref", ""),
             seconds=int(data.get("seconds", 0)),
+            client_id=data.get("client_id", ""),
+            provider=data.get("provider", ""),
+            destination_country=data.get("destination_country", ""),
         )
     if kind == "E":
         return EventRecord(

@@ -3,12 +3,14 @@ to turn the response into what the client returns. The sync and asyncio clients 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditd_client import enums
 from creditd_client.enums import EnumArg
@@ -108,7 +110,43 @@ def list_events(account_id: str, page_size: int, page_token: str) -> Call[ledger
     return Call("ledger", "ListEvents", request, _same, retry=True)
 
 
+def get_usage(
+    account_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    balance_type: EnumArg | None,
+    group_by: Iterable[EnumArg],
+) -> Call[list[ledger_pb2.UsageRow]]:
+    request = ledger_pb2.GetUsageRequest(
+        account_id=account_id,
+        balance_type=enums.balance_type(balance_type) if balance_type is not None else 0,  # type: ignore[arg-type]
+        group_by=[enums.usage_group(g) for g in group_by],  # type: ignore[misc]
+    )
+    for field, value in (("start_time", start), ("end_time", end)):
+        if value is not None:
+            if value.tzinfo is None:
+                raise ValueError(f"{field}: give an aware datetime (UTC), not a naive one")
+            stamp = Timestamp()
+            stamp.FromDatetime(value)
+            getattr(request, field).CopyFrom(stamp)
+
+    def rows(response: Any) -> list[ledger_pb2.UsageRow]:
+        return list(response.rows)
+
+    return Call("ledger", "GetUsage", request, rows, retry=True)
+
+
 # -- accounts --------------------------------------------------------------------------------
+
+
+def list_accounts(agency_id: str, page_size: int, page_token: str) -> Call[account_pb2.ListAccountsResponse]:
+    request = account_pb2.ListAccountsRequest(agency_id=agency_id, page_size=page_size, page_token=page_token)
+    return Call("accounts", "ListAccounts", request, _same, retry=True)
+
+
+def list_plans(agency_id: str, page_size: int, page_token: str) -> Call[account_pb2.ListPlansResponse]:
+    request = account_pb2.ListPlansRequest(agency_id=agency_id, page_size=page_size, page_token=page_token)
+    return Call("accounts", "ListPlans", request, _same, retry=True)
 
 
 def create_agency(

@@ -12,7 +12,9 @@ Every method has a sync twin on `creditd_client.Client`, except the sessions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -97,6 +99,19 @@ class Client(ClientBase):
                 await asyncio.sleep(delay)
                 continue
             return call.convert(response)
+
+    async def _pages(
+        self, page: Callable[[str], calls.Call[Any]], items: str, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """The `items` of each page of a paged call, fetching the next page as they are iterated."""
+        token = ""
+        while True:
+            response = await self._run(page(token), timeout)
+            for item in getattr(response, items):
+                yield item
+            token = response.next_page_token
+            if not token:
+                return
 
     def _usage_stream(self) -> Any:
         """A new StreamUsage call; it lives as long as the session (no deadline)."""
@@ -212,29 +227,50 @@ class Client(ClientBase):
         timeout: float | None = None,
     ) -> AsyncIterator[ledger_pb2.LedgerEntry]:
         """The account's ledger, newest first, fetched page by page as it is iterated."""
-        token = ""
-        while True:
-            page = await self._run(calls.list_ledger_entries(account_id, balance_type, page_size, token), timeout)
-            for entry in page.entries:
-                yield entry
-            token = page.next_page_token
-            if not token:
-                return
+        async for entry in self._pages(
+            functools.partial(calls.list_ledger_entries, account_id, balance_type, page_size), "entries", timeout
+        ):
+            yield entry
 
     async def list_events(
         self, account_id: str, *, page_size: int = 100, timeout: float | None = None
     ) -> AsyncIterator[ledger_pb2.Event]:
         """The account's events, newest first, fetched page by page as it is iterated."""
-        token = ""
-        while True:
-            page = await self._run(calls.list_events(account_id, page_size, token), timeout)
-            for event in page.events:
-                yield event
-            token = page.next_page_token
-            if not token:
-                return
+        async for event in self._pages(functools.partial(calls.list_events, account_id, page_size), "events", timeout):
+            yield event
+
+    async def get_usage(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        balance_type: EnumArg | None = None,
+        group_by: Iterable[EnumArg] = (),
+        timeout: float | None = None,
+    ) -> list[ledger_pb2.UsageRow]:
+        """What the account consumed in [start, end) (default: since the first entry, until now),
+        one row per group of `group_by` ("channel", "provider", "country", "client", "day")."""
+        return await self._run(calls.get_usage(account_id, start, end, balance_type, group_by), timeout)
 
     # -- accounts ----------------------------------------------------------------------------
+
+    async def list_accounts(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> AsyncIterator[account_pb2.Account]:
+        """The agency's clients by id (no agency: a platform admin's agencies, an agency
+        admin's own clients), fetched page by page as they are iterated."""
+        async for account in self._pages(
+            functools.partial(calls.list_accounts, agency_id, page_size), "accounts", timeout
+        ):
+            yield account
+
+    async def list_plans(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> AsyncIterator[account_pb2.Plan]:
+        """The agency's plans by id (no agency: an agency admin's own), page by page."""
+        async for plan in self._pages(functools.partial(calls.list_plans, agency_id, page_size), "plans", timeout):
+            yield plan
 
     async def create_agency(
         self,

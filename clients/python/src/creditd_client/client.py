@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -75,6 +77,16 @@ class Client(ClientBase):
                 continue
             return call.convert(response)
 
+    def _pages(self, page: Callable[[str], calls.Call[Any]], items: str, timeout: float | None) -> Iterator[Any]:
+        """The `items` of each page of a paged call, fetching the next page as they are iterated."""
+        token = ""
+        while True:
+            response = self._run(page(token), timeout)
+            yield from getattr(response, items)
+            token = response.next_page_token
+            if not token:
+                return
+
     # -- metering and ledger ---------------------------------------------------------------
 
     def authorize(
@@ -142,27 +154,43 @@ class Client(ClientBase):
         timeout: float | None = None,
     ) -> Iterator[ledger_pb2.LedgerEntry]:
         """The account's ledger, newest first, fetched page by page as it is iterated."""
-        token = ""
-        while True:
-            page = self._run(calls.list_ledger_entries(account_id, balance_type, page_size, token), timeout)
-            yield from page.entries
-            token = page.next_page_token
-            if not token:
-                return
+        page = functools.partial(calls.list_ledger_entries, account_id, balance_type, page_size)
+        return self._pages(page, "entries", timeout)
 
     def list_events(
         self, account_id: str, *, page_size: int = 100, timeout: float | None = None
     ) -> Iterator[ledger_pb2.Event]:
         """The account's events, newest first, fetched page by page as it is iterated."""
-        token = ""
-        while True:
-            page = self._run(calls.list_events(account_id, page_size, token), timeout)
-            yield from page.events
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(functools.partial(calls.list_events, account_id, page_size), "events", timeout)
+
+    def get_usage(
+        self,
+        account_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        balance_type: EnumArg | None = None,
+        group_by: Iterable[EnumArg] = (),
+        timeout: float | None = None,
+    ) -> list[ledger_pb2.UsageRow]:
+        """What the account consumed in [start, end) (default: since the first entry, until now),
+        one row per group of `group_by` ("channel", "provider", "country", "client", "day")."""
+        return self._run(calls.get_usage(account_id, start, end, balance_type, group_by), timeout)
 
     # -- accounts ----------------------------------------------------------------------------
+
+    def list_accounts(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> Iterator[account_pb2.Account]:
+        """The agency's clients by id (no agency: a platform admin's agencies, an agency
+        admin's own clients), fetched page by page as they are iterated."""
+        return self._pages(functools.partial(calls.list_accounts, agency_id, page_size), "accounts", timeout)
+
+    def list_plans(
+        self, agency_id: str = "", *, page_size: int = 100, timeout: float | None = None
+    ) -> Iterator[account_pb2.Plan]:
+        """The agency's plans by id (no agency: an agency admin's own), page by page."""
+        return self._pages(functools.partial(calls.list_plans, agency_id, page_size), "plans", timeout)
 
     def create_agency(
         self,

@@ -62,3 +62,10 @@ def topup_kind(value: EnumArg) -> int:
 
 def role(value: EnumArg) -> int:
     return _parse(account_pb2.Role, "ROLE_", value, "role")
+
+
+def usage_group(value: EnumArg) -> int:
+    """A GetUsage group: "channel", "provider", "destination_country" (or "country"), "client", "day"."""
+    if isinstance(value, str) and value.strip().lower() == "country":
+        value = "destination_country"
+    return _parse(ledger_pb2.UsageGroup, "USAGE_GROUP_", value, "usage group")

@@ -1,6 +1,6 @@
 """What the client returns: small frozen dataclasses for balances and sessions.
 
-Records with many fields (accounts, plans, API keys, ledger entries, events) are returned
+Records with many fields (accounts, plans, API keys, ledger entries, events, usage rows) are returned
 as the `creditd.v1` messages themselves; they are re-exported here.
 """
 
@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditd_client.v1 import common_pb2, ledger_pb2, metering_pb2
 from creditd_client.v1.account_pb2 import Account, ApiKey, CreateApiKeyResponse, Plan
-from creditd_client.v1.ledger_pb2 import Event, LedgerEntry
+from creditd_client.v1.ledger_pb2 import Event, LedgerEntry, UsageRow
 
 __all__ = [
     "Account",
@@ -32,6 +32,7 @@ __all__ = [
     "SessionSummary",
     "SmsResult",
     "TopupResult",
+    "UsageRow",
 ]
 
 

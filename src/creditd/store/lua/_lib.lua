@@ -125,7 +125,9 @@ local function jmap(order, values)
   return '{' .. table.concat(parts, ',') .. '}'
 end
 
-local function ledger(w, kind, free, purchased, usage, session_id, message_id, seconds)
+-- for_: nil, or what a usage entry was for: {client =, provider =, country =}.
+local function ledger(w, kind, free, purchased, usage, session_id, message_id, seconds, for_)
+  for_ = for_ or {}
   local parts = {
     '{"k":"L","entry_id":', jstr(next_id()),
     ',"account_id":', jstr(w.a),
@@ -139,6 +141,9 @@ local function ledger(w, kind, free, purchased, usage, session_id, message_id, s
     ',"session_id":', jstr(session_id or ''),
     ',"message_id":', jstr(message_id or ''),
     ',"seconds":', fmt(seconds or 0),
+    ',"client_id":', jstr(for_.client or ''),
+    ',"provider":', jstr(for_.provider or ''),
+    ',"destination_country":', jstr(for_.country or ''),
     '}',
   }
   return table.concat(parts)

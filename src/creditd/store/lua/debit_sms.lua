@@ -1,12 +1,13 @@
 -- debit_sms: debit one message on every payer at once, or deny it. Exactly once per
 -- message id: an allowed debit's result is kept (a denial is not).
 -- KEYS: message result, outbox, then the payers' SMS wallets (in cost order).
--- ARGV: common, message id, session id, segments, ttl seconds of the kept result (0: none),
--- payer count, then (account, micros) per payer.
+-- ARGV: common, message id, session id, client id, destination country, segments, ttl seconds
+-- of the kept result (0: none), payer count, then (account, micros) per payer.
 -- Reply: {'DUP', count, account, micros...} | {'NOTFOUND', account} | {'BOUNDS', account, anchor...}
 -- | {'DENY', account, constraint} | {'OK'}.
 local result_key, outbox = KEYS[1], KEYS[2]
-local message_id, session_id, segments, ttl = arg(), arg(), narg(), narg()
+local message_id, session_id, client, country = arg(), arg(), arg(), arg()
+local segments, ttl = narg(), narg()
 local payers = {}
 for i = 1, narg() do
   payers[i] = {account = arg(), cost = narg(), key = KEYS[2 + i]}
@@ -58,7 +59,7 @@ for i, payer in ipairs(payers) do
   if free == nil then
     return {'VALUE', 'debit beyond the wallet'}
   end
-  emit(ledger(w, 3, -free, -purchased, payer.cost, session_id, message_id, segments)) -- SMS_USAGE
+  emit(ledger(w, 3, -free, -purchased, payer.cost, session_id, message_id, segments, {client = client, country = country})) -- SMS_USAGE
   alerts(w, before)
   order[#order + 1] = payer.account
   fields[#fields + 1] = 'c:' .. payer.account

@@ -79,7 +79,7 @@ for i, account in ipairs(s.payers) do
   end
   s.charged_order[#s.charged_order + 1] = account
   s.charged[account] = cost
-  emit(ledger(w, 2, -free, -purchased, cost, session_id, '', billed)) -- VOICE_USAGE
+  emit(ledger(w, 2, -free, -purchased, cost, session_id, '', billed, {client = s.client, provider = s.prov})) -- VOICE_USAGE
   alerts(w, before)
 end
 if cutoff ~= 0 then

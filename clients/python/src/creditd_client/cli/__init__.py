@@ -5,6 +5,7 @@
     creditctl client create dental --agency acme --plan standard
     creditctl topup dental 12 --key payment-123
     creditctl balance dental --watch
+    creditctl usage acme --month 2026-11 --by client --csv
 
 Amounts are credits ("12", "0.166"), converted exactly to micro-credits. Tables by default,
 `--json` for scripts. Exit codes: 0 ok, 1 creditd refused or failed (reason on stderr), 2 usage.
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from creditd_client import enums
 from creditd_client.cli import _commands as commands
+from creditd_client.cli import _usage
 from creditd_client.client import Client
 from creditd_client.credits import to_micros
 from creditd_client.errors import CreditdError, Unavailable
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive, default=50, help="at most this many events (default 50)")
     p.add_argument("--watch", action="store_true", help="print events as they happen (Ctrl-C stops)")
     p.add_argument("--count", type=positive, default=None, help="with --watch: stop after N events")
+
+    _usage.add_commands(sub, common)
 
     key = group("key", "API keys")
     p = command(key, "create", commands.key_create, "create a key (its secret is shown once)")

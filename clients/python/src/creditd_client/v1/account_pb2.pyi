@@ -64,7 +64,7 @@ class AutoRefill(_message.Message):
     amount_micros: int
     target_balance_micros: int
     max_refills_per_period: int
-    def __init__(self, enabled: _Optional[bool] = ..., threshold_micros: _Optional[int] = ..., amount_micros: _Optional[int] = ..., target_balance_micros: _Optional[int] = ..., max_refills_per_period: _Optional[int] = ...) -> None: ...
+    def __init__(self, enabled: bool = ..., threshold_micros: _Optional[int] = ..., amount_micros: _Optional[int] = ..., target_balance_micros: _Optional[int] = ..., max_refills_per_period: _Optional[int] = ...) -> None: ...
 
 class BalanceSettings(_message.Message):
     __slots__ = ("balance_type", "auto_refill", "low_balance_threshold_micros")
@@ -106,7 +106,7 @@ class Account(_message.Message):
     platform_rates: Rates
     balance_settings: _containers.RepeatedCompositeFieldContainer[BalanceSettings]
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, account_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.AccountKind, str]] = ..., display_name: _Optional[str] = ..., agency_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., billing_mode: _Optional[_Union[_common_pb2.BillingMode, str]] = ..., inbound_active: _Optional[bool] = ..., outbound_active: _Optional[bool] = ..., period_anchor_day: _Optional[int] = ..., free_voice_micros: _Optional[int] = ..., free_sms_micros: _Optional[int] = ..., platform_rates: _Optional[_Union[Rates, _Mapping]] = ..., balance_settings: _Optional[_Iterable[_Union[BalanceSettings, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, account_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.AccountKind, str]] = ..., display_name: _Optional[str] = ..., agency_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., billing_mode: _Optional[_Union[_common_pb2.BillingMode, str]] = ..., inbound_active: bool = ..., outbound_active: bool = ..., period_anchor_day: _Optional[int] = ..., free_voice_micros: _Optional[int] = ..., free_sms_micros: _Optional[int] = ..., platform_rates: _Optional[_Union[Rates, _Mapping]] = ..., balance_settings: _Optional[_Iterable[_Union[BalanceSettings, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("agency_id", "plan_id", "free_voice_micros", "free_sms_micros", "voice_rates", "default_voice_micros_per_minute", "sms_rates", "default_sms_micros_per_segment", "usage_limit_micros", "max_concurrent_sessions")
@@ -290,7 +290,7 @@ class UpdateSubscriptionRequest(_message.Message):
     account_id: str
     inbound_active: bool
     outbound_active: bool
-    def __init__(self, account_id: _Optional[str] = ..., inbound_active: _Optional[bool] = ..., outbound_active: _Optional[bool] = ...) -> None: ...
+    def __init__(self, account_id: _Optional[str] = ..., inbound_active: bool = ..., outbound_active: bool = ...) -> None: ...
 
 class UpdateSubscriptionResponse(_message.Message):
     __slots__ = ("account",)
@@ -356,7 +356,7 @@ class ApiKey(_message.Message):
     description: str
     created_at: _timestamp_pb2.Timestamp
     revoked: bool
-    def __init__(self, key_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., account_id: _Optional[str] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    def __init__(self, key_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., account_id: _Optional[str] = ..., description: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: bool = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("role", "account_id", "description")
@@ -401,3 +401,39 @@ class ListApiKeysResponse(_message.Message):
     API_KEYS_FIELD_NUMBER: _ClassVar[int]
     api_keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
     def __init__(self, api_keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class ListAccountsRequest(_message.Message):
+    __slots__ = ("agency_id", "page_size", "page_token")
+    AGENCY_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    agency_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, agency_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAccountsResponse(_message.Message):
+    __slots__ = ("accounts", "next_page_token")
+    ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    accounts: _containers.RepeatedCompositeFieldContainer[Account]
+    next_page_token: str
+    def __init__(self, accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListPlansRequest(_message.Message):
+    __slots__ = ("agency_id", "page_size", "page_token")
+    AGENCY_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    agency_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, agency_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListPlansResponse(_message.Message):
+    __slots__ = ("plans", "next_page_token")
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    plans: _containers.RepeatedCompositeFieldContainer[Plan]
+    next_page_token: str
+    def __init__(self, plans: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -6,7 +6,7 @@ import warnings
 
 from . import account_pb2 as creditd_dot_v1_dot_account__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class AccountServiceStub:
+class AccountServiceStub(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 
@@ -96,9 +96,19 @@ class AccountServiceStub:
                 request_serializer=creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.SerializeToString,
                 response_deserializer=creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/creditd.v1.AccountService/ListAccounts',
+                request_serializer=creditd_dot_v1_dot_account__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_account__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/creditd.v1.AccountService/ListPlans',
+                request_serializer=creditd_dot_v1_dot_account__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_account__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
 
 
-class AccountServiceServicer:
+class AccountServiceServicer(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 
@@ -177,6 +187,20 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """An agency's clients, or (a platform admin, empty agency_id) the agencies; by account_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """An agency's plans, by plan_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +264,16 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     request_deserializer=creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.FromString,
                     response_serializer=creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.SerializeToString,
             ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=creditd_dot_v1_dot_account__pb2.ListAccountsRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_account__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=creditd_dot_v1_dot_account__pb2.ListPlansRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_account__pb2.ListPlansResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'creditd.v1.AccountService', rpc_method_handlers)
@@ -248,7 +282,7 @@ def add_AccountServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class AccountService:
+class AccountService(object):
     """Agencies, their plans and clients, subscriptions, auto-refill and API keys.
     """
 
@@ -566,6 +600,60 @@ class AccountService:
             '/creditd.v1.AccountService/ListApiKeys',
             creditd_dot_v1_dot_account__pb2.ListApiKeysRequest.SerializeToString,
             creditd_dot_v1_dot_account__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.AccountService/ListAccounts',
+            creditd_dot_v1_dot_account__pb2.ListAccountsRequest.SerializeToString,
+            creditd_dot_v1_dot_account__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.AccountService/ListPlans',
+            creditd_dot_v1_dot_account__pb2.ListPlansRequest.SerializeToString,
+            creditd_dot_v1_dot_account__pb2.ListPlansResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,15 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_TYPE_CUTOFF: _ClassVar[EventType]
     EVENT_TYPE_TOPUP_APPLIED: _ClassVar[EventType]
     EVENT_TYPE_FREE_CREDITS_EXPIRED: _ClassVar[EventType]
+
+class UsageGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_GROUP_UNSPECIFIED: _ClassVar[UsageGroup]
+    USAGE_GROUP_CHANNEL: _ClassVar[UsageGroup]
+    USAGE_GROUP_PROVIDER: _ClassVar[UsageGroup]
+    USAGE_GROUP_DESTINATION_COUNTRY: _ClassVar[UsageGroup]
+    USAGE_GROUP_CLIENT: _ClassVar[UsageGroup]
+    USAGE_GROUP_DAY: _ClassVar[UsageGroup]
 TOPUP_KIND_UNSPECIFIED: TopupKind
 TOPUP_KIND_PURCHASE: TopupKind
 TOPUP_KIND_GRANT: TopupKind
@@ -56,6 +65,12 @@ EVENT_TYPE_LIMIT_REACHED: EventType
 EVENT_TYPE_CUTOFF: EventType
 EVENT_TYPE_TOPUP_APPLIED: EventType
 EVENT_TYPE_FREE_CREDITS_EXPIRED: EventType
+USAGE_GROUP_UNSPECIFIED: UsageGroup
+USAGE_GROUP_CHANNEL: UsageGroup
+USAGE_GROUP_PROVIDER: UsageGroup
+USAGE_GROUP_DESTINATION_COUNTRY: UsageGroup
+USAGE_GROUP_CLIENT: UsageGroup
+USAGE_GROUP_DAY: UsageGroup
 
 class TopupRequest(_message.Message):
     __slots__ = ("account_id", "balance_type", "amount_micros", "kind", "idempotency_key", "external_ref")
@@ -114,7 +129,7 @@ class WatchBalanceResponse(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., voice: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ..., sms: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at")
+    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at", "client_id", "provider", "destination_country")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +145,9 @@ class LedgerEntry(_message.Message):
     EXTERNAL_REF_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_COUNTRY_FIELD_NUMBER: _ClassVar[int]
     entry_id: str
     account_id: str
     balance_type: _common_pb2.BalanceType
@@ -145,7 +163,10 @@ class LedgerEntry(_message.Message):
     external_ref: str
     seconds: int
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    client_id: str
+    provider: str
+    destination_country: str
+    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_id: _Optional[str] = ..., provider: _Optional[str] = ..., destination_country: _Optional[str] = ...) -> None: ...
 
 class ListLedgerEntriesRequest(_message.Message):
     __slots__ = ("account_id", "balance_type", "page_size", "page_token")
@@ -227,3 +248,51 @@ class WatchEventsResponse(_message.Message):
     EVENT_FIELD_NUMBER: _ClassVar[int]
     event: Event
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("account_id", "balance_type", "start_time", "end_time", "group_by")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    balance_type: _common_pb2.BalanceType
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    group_by: _containers.RepeatedScalarFieldContainer[UsageGroup]
+    def __init__(self, account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[UsageGroup, str]]] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("channel", "provider", "destination_country", "client_id", "day", "voice_seconds", "sms_segments", "sms_messages", "charged_micros", "free_micros", "purchased_micros", "usage_micros")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    VOICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SMS_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SMS_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    FREE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    PURCHASED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    channel: _common_pb2.Channel
+    provider: str
+    destination_country: str
+    client_id: str
+    day: str
+    voice_seconds: int
+    sms_segments: int
+    sms_messages: int
+    charged_micros: int
+    free_micros: int
+    purchased_micros: int
+    usage_micros: int
+    def __init__(self, channel: _Optional[_Union[_common_pb2.Channel, str]] = ..., provider: _Optional[str] = ..., destination_country: _Optional[str] = ..., client_id: _Optional[str] = ..., day: _Optional[str] = ..., voice_seconds: _Optional[int] = ..., sms_segments: _Optional[int] = ..., sms_messages: _Optional[int] = ..., charged_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...

@@ -6,7 +6,7 @@ import warnings
 
 from . import ledger_pb2 as creditd_dot_v1_dot_ledger__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class LedgerServiceStub:
+class LedgerServiceStub(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
@@ -66,9 +66,14 @@ class LedgerServiceStub:
                 request_serializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/creditd.v1.LedgerService/GetUsage',
+                request_serializer=creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
-class LedgerServiceServicer:
+class LedgerServiceServicer(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
@@ -113,6 +118,13 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """What an account consumed in a time range, grouped; the sums equal the ledger's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +158,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     request_deserializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.FromString,
                     response_serializer=creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.SerializeToString,
             ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.FromString,
+                    response_serializer=creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'creditd.v1.LedgerService', rpc_method_handlers)
@@ -154,7 +171,7 @@ def add_LedgerServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LedgerService:
+class LedgerService(object):
     """Called by billing, payment webhooks and dashboards.
     """
 
@@ -310,6 +327,33 @@ class LedgerService:
             '/creditd.v1.LedgerService/WatchEvents',
             creditd_dot_v1_dot_ledger__pb2.WatchEventsRequest.SerializeToString,
             creditd_dot_v1_dot_ledger__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditd.v1.LedgerService/GetUsage',
+            creditd_dot_v1_dot_ledger__pb2.GetUsageRequest.SerializeToString,
+            creditd_dot_v1_dot_ledger__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,7 @@ class AuthorizeResponse(_message.Message):
     granted_seconds: int
     max_seconds: int
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, allowed: _Optional[bool] = ..., deny_reason: _Optional[_Union[_common_pb2.DenyReason, str]] = ..., granted_seconds: _Optional[int] = ..., max_seconds: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, allowed: bool = ..., deny_reason: _Optional[_Union[_common_pb2.DenyReason, str]] = ..., granted_seconds: _Optional[int] = ..., max_seconds: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StreamUsageRequest(_message.Message):
     __slots__ = ("start", "usage", "sms", "end")
@@ -126,7 +126,7 @@ class SmsResult(_message.Message):
     allowed: bool
     deny_reason: _common_pb2.DenyReason
     charged_micros: int
-    def __init__(self, message_id: _Optional[str] = ..., allowed: _Optional[bool] = ..., deny_reason: _Optional[_Union[_common_pb2.DenyReason, str]] = ..., charged_micros: _Optional[int] = ...) -> None: ...
+    def __init__(self, message_id: _Optional[str] = ..., allowed: bool = ..., deny_reason: _Optional[_Union[_common_pb2.DenyReason, str]] = ..., charged_micros: _Optional[int] = ...) -> None: ...
 
 class Cutoff(_message.Message):
     __slots__ = ("reason", "billed_seconds")

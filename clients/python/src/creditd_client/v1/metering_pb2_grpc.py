@@ -6,7 +6,7 @@ import warnings
 
 from . import metering_pb2 as creditd_dot_v1_dot_metering__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class MeteringServiceStub:
+class MeteringServiceStub(object):
     """Called by voice agents and SMS senders: authorize, then meter over a stream.
     """
 
@@ -48,7 +48,7 @@ class MeteringServiceStub:
                 _registered_method=True)
 
 
-class MeteringServiceServicer:
+class MeteringServiceServicer(object):
     """Called by voice agents and SMS senders: authorize, then meter over a stream.
     """
 
@@ -88,7 +88,7 @@ def add_MeteringServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class MeteringService:
+class MeteringService(object):
     """Called by voice agents and SMS senders: authorize, then meter over a stream.
     """
 
