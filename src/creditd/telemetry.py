@@ -337,7 +337,7 @@ class Telemetry:
         self.flushed.add(len(args[0]))
 
     def _after_topup(self, args: tuple[Any, ...], result: Any) -> None:
-        entry, fingerprint = args[0], args[1]
+        entry, fingerprint = args[1], args[2]  # (agency_id, entry, fingerprint, event)
         original, original_fingerprint, created = result
         labels = {
             "kind": entry.topup_kind.name.lower() if entry.topup_kind is not None else "",

@@ -360,9 +360,10 @@ class Database:
     # -- ledger ----------------------------------------------------------------------------
 
     async def insert_topup(
-        self, entry: LedgerRecord, fingerprint: str, event: EventRecord
+        self, agency_id: str, entry: LedgerRecord, fingerprint: str, event: EventRecord
     ) -> tuple[LedgerRecord, str, bool]:
-        """Record a top-up exactly once per idempotency key.
+        """Record a top-up exactly once per idempotency key of the agency (the agency of the
+        credited account: an agency and its clients share one set of keys).
 
         Returns (entry, fingerprint, True) when this call wrote it, else the entry and the
         fingerprint of the first call with the key, and False.
@@ -374,6 +375,7 @@ class Database:
                 await conn.execute(
                     sa.insert(t.idempotency_keys),
                     {
+                        "agency_id": agency_id,
                         "idempotency_key": entry.idempotency_key,
                         "fingerprint": fingerprint,
                         "entry_id": entry.entry_id,
@@ -389,7 +391,7 @@ class Database:
         query = (
             sa.select(k.c.fingerprint, e)
             .join(e, e.c.entry_id == k.c.entry_id)
-            .where(k.c.idempotency_key == entry.idempotency_key)
+            .where(k.c.agency_id == agency_id, k.c.idempotency_key == entry.idempotency_key)
         )
         async with self._tx() as conn:
             row = (await conn.execute(query)).mappings().first()
@@ -408,24 +410,26 @@ class Database:
     async def _write(self, conn: AsyncConnection, records: Iterable[Record]) -> None:
         entries: dict[str, dict[str, Any]] = {}
         events: dict[str, dict[str, Any]] = {}
-        sessions: dict[str, SessionRecord] = {}
+        sessions: dict[tuple[str, str], SessionRecord] = {}
         for record in records:
             if isinstance(record, LedgerRecord):
                 entries.setdefault(record.entry_id, _entry_row(record))
             elif isinstance(record, EventRecord):
                 events.setdefault(record.event_id, _event_row(record))
             else:
-                previous = sessions.get(record.session_id)
+                key = (record.agency_id, record.session_id)
+                previous = sessions.get(key)
                 if previous is None or previous.status != "settled" or record.status == "settled":
-                    sessions[record.session_id] = record
+                    sessions[key] = record
         if entries:
             stmt = self._insert(t.ledger_entries).on_conflict_do_nothing(index_elements=["entry_id"])
             await conn.execute(stmt, list(entries.values()))
         if sessions:
             ins = self._insert(t.sessions)
+            key = ("agency_id", "session_id")
             upsert = ins.on_conflict_do_update(
-                index_elements=["session_id"],
-                set_={c.name: ins.excluded[c.name] for c in t.sessions.c if c.name != "session_id"},
+                index_elements=list(key),
+                set_={c.name: ins.excluded[c.name] for c in t.sessions.c if c.name not in key},
                 where=sa.or_(t.sessions.c.status != "settled", ins.excluded.status == "settled"),
             )
             await conn.execute(upsert, [_session_row(s) for s in sessions.values()])
@@ -550,13 +554,17 @@ class Database:
             return _sum(await conn.scalar(query))
 
     async def open_sessions(self) -> list[SessionRecord]:
-        query = sa.select(t.sessions).where(t.sessions.c.status == "open").order_by(t.sessions.c.session_id)
+        c = t.sessions.c
+        query = sa.select(t.sessions).where(c.status == "open").order_by(c.agency_id, c.session_id)
         async with self._tx() as conn:
             return [_session(r) for r in (await conn.execute(query)).mappings()]
 
-    async def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, agency_id: str, session_id: str) -> SessionRecord | None:
+        c = t.sessions.c
         async with self._tx() as conn:
-            result = await conn.execute(sa.select(t.sessions).where(t.sessions.c.session_id == session_id))
+            result = await conn.execute(
+                sa.select(t.sessions).where(c.agency_id == agency_id, c.session_id == session_id)
+            )
             row = result.mappings().first()
         return None if row is None else _session(row)
 
