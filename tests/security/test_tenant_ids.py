@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from creditd_client.v1 import account_pb2, ledger_pb2
+from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
 from tests.conftest import CREDIT, Api, ServerFactory, error_info
 
@@ -103,3 +103,72 @@ async def test_topup_idempotency_keys_are_per_agency(tenants: Any) -> None:
     topups = await _entries(admin, a.other_client, ledger_pb2.LEDGER_ENTRY_KIND_TOPUP)
     assert [(e.purchased_micros, e.idempotency_key) for e in topups] == [(2 * CREDIT, "invoice-Y")]
     assert (await admin.balance(b.agency)).voice.purchased_micros == CREDIT
+
+
+# -- SMS message ids: per client --------------------------------------------------------------
+
+
+async def _sms(
+    api: Api, client_id: str, message_id: str, country: str = "US", segments: int = 1
+) -> metering_pb2.SmsResult:
+    """Send one SMS on a stream of its own and end the stream; returns the result."""
+    call = api.stream()
+    start = metering_pb2.SessionStart(
+        session_id=f"sms-{message_id}", client_id=client_id, channel=common_pb2.CHANNEL_SMS
+    )
+    await call.write(metering_pb2.StreamUsageRequest(start=start))
+    send = metering_pb2.SmsSend(message_id=message_id, destination_country=country, segments=segments)
+    await call.write(metering_pb2.StreamUsageRequest(sms=send))
+    result = (await call.read()).sms_result
+    await call.write(metering_pb2.StreamUsageRequest(end=metering_pb2.SessionEnd()))
+    assert (await call.read()).WhichOneof("msg") == "summary"
+    return result
+
+
+async def _sms_used(api: Api, account_id: str) -> int:
+    return (await api.balance(account_id)).sms.period_used_micros
+
+
+async def test_sms_message_ids_are_per_client(tenants: Any) -> None:
+    running, a, b = tenants
+    admin = running.api
+    first = await _sms(a.worker, a.client, "msg-M", "US", 1)
+    assert (first.allowed, first.charged_micros) == (True, 166_000)
+
+    # Another agency's client with the same id and other parameters: its own message, billed.
+    theirs = await _sms(b.worker, b.client, "msg-M", "GB", 3)
+    assert (theirs.allowed, theirs.charged_micros) == (True, 3 * 166_000)
+    # Another client of the same agency: its own message too.
+    sibling = await _sms(a.worker, a.other_client, "msg-M", "US", 2)
+    assert (sibling.allowed, sibling.charged_micros) == (True, 2 * 166_000)
+
+    # The same client again: the first result, not charged again.
+    again = await _sms(a.worker, a.client, "msg-M", "US", 1)
+    assert (again.allowed, again.charged_micros) == (True, 166_000)
+
+    for account_id, used in ((a.client, 166_000), (b.client, 3 * 166_000), (a.other_client, 2 * 166_000)):
+        assert await _sms_used(admin, account_id) == used
+        entries = await _entries(admin, account_id, ledger_pb2.LEDGER_ENTRY_KIND_SMS_USAGE)
+        assert [(e.message_id, e.usage_micros) for e in entries] == [("msg-M", used)]
+    # Each agency pays the platform for its own clients' messages only.
+    assert await _sms_used(admin, a.agency) == 3 * 166_000
+    assert await _sms_used(admin, b.agency) == 3 * 166_000
+
+
+@pytest.mark.parametrize(("country", "segments"), [("GB", 1), ("US", 2)])
+async def test_a_reused_message_id_with_other_parameters_is_refused(tenants: Any, country: str, segments: int) -> None:
+    running, a, _ = tenants
+    admin = running.api
+    await _sms(a.worker, a.client, "msg-R", "US", 1)
+    before = await admin.balance(a.client), await admin.balance(a.agency)
+
+    call = a.worker.stream()
+    start = metering_pb2.SessionStart(session_id="sms-retry", client_id=a.client, channel=common_pb2.CHANNEL_SMS)
+    await call.write(metering_pb2.StreamUsageRequest(start=start))
+    send = metering_pb2.SmsSend(message_id="msg-R", destination_country=country, segments=segments)
+    await call.write(metering_pb2.StreamUsageRequest(sms=send))
+    error = await _failure(call.read())
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(error)
+    assert (info.reason, info.metadata["message_id"]) == ("MESSAGE_ID_REUSED", "msg-R")
+    assert (await admin.balance(a.client), await admin.balance(a.agency)) == before

@@ -398,6 +398,7 @@ class UsageStream:
                 segments=sms.segments,
                 costs=party.sms_costs(country, sms.segments),
                 now=self.ctx.now(),
+                destination_country=country,
             )
         )
         for account_id in (session.client_id, session.agency_id):

@@ -14,7 +14,7 @@ clients carries the hash tag {agency}, so a script touches one Redis Cluster slo
     P{a}:s:<session id>               hash   a session (open or settled)
     P{a}:live                         set    ids of the agency's open sessions
     P{a}:cc:<client>                  set    ids of the client's open voice sessions
-    P{a}:sms:<message id>             hash   the result of an allowed SMS debit
+    P{a}:sms:<client>:<message id>    hash   the result of an allowed SMS debit, and its parameters
     P{a}:outbox                       stream records for the database, field "r": JSON
     Pagencies                         set    agencies with state (no hash tag, see below)
     Ploaded                           string set by load(); ping() answers False without it
@@ -102,6 +102,7 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
+    message_id_reused,
 )
 
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
@@ -199,8 +200,8 @@ class RedisHotStore(HotStore):
     def _client_key(self, agency_id: str, client_id: str) -> str:
         return f"{self._tag(agency_id)}cc:{client_id}"
 
-    def _sms_key(self, agency_id: str, message_id: str) -> str:
-        return f"{self._tag(agency_id)}sms:{message_id}"
+    def _sms_key(self, agency_id: str, client_id: str, message_id: str) -> str:
+        return f"{self._tag(agency_id)}sms:{client_id}:{message_id}"
 
     def _outbox_key(self, agency_id: str) -> str:
         return f"{self._tag(agency_id)}outbox"
@@ -441,7 +442,7 @@ class RedisHotStore(HotStore):
         agency_id = request.agency_id
         accounts = list(request.costs)
         keys = [
-            self._sms_key(agency_id, request.message_id),
+            self._sms_key(agency_id, request.client_id, request.message_id),
             self._outbox_key(agency_id),
             *(self._wallet_key(agency_id, account, BalanceType.SMS) for account in accounts),
         ]
@@ -449,6 +450,7 @@ class RedisHotStore(HotStore):
             request.message_id,
             request.session_id,
             request.segments,
+            request.parameters(),
             self._settled_ttl,
             len(accounts),
         ]
@@ -462,6 +464,8 @@ class RedisHotStore(HotStore):
             return SmsDebitResult(False, {}, (reply[1], Constraint(reply[2])))
         if status == "DUP":
             return SmsDebitResult(True, _map_reply(reply, 1), duplicate=True)
+        if status == "REUSED":
+            raise message_id_reused(request)
         if status == "NOTFOUND":
             raise _no_wallet(BalanceType.SMS, reply[1])
         if status == "VALUE":

@@ -1,12 +1,13 @@
 -- debit_sms: debit one message on every payer at once, or deny it. Exactly once per
--- message id: an allowed debit's result is kept (a denial is not).
+-- message id of the client: an allowed debit's result is kept with its parameters (a
+-- denial is not); the same id with other parameters is refused.
 -- KEYS: message result, outbox, then the payers' SMS wallets (in cost order).
--- ARGV: common, message id, session id, segments, ttl seconds of the kept result (0: none),
--- payer count, then (account, micros) per payer.
--- Reply: {'DUP', count, account, micros...} | {'NOTFOUND', account} | {'BOUNDS', account, anchor...}
--- | {'DENY', account, constraint} | {'OK'}.
+-- ARGV: common, message id, session id, segments, parameters, ttl seconds of the kept
+-- result (0: none), payer count, then (account, micros) per payer.
+-- Reply: {'DUP', count, account, micros...} | {'REUSED'} | {'NOTFOUND', account}
+-- | {'BOUNDS', account, anchor...} | {'DENY', account, constraint} | {'OK'}.
 local result_key, outbox = KEYS[1], KEYS[2]
-local message_id, session_id, segments, ttl = arg(), arg(), narg(), narg()
+local message_id, session_id, segments, parameters, ttl = arg(), arg(), narg(), arg(), narg()
 local payers = {}
 for i = 1, narg() do
   payers[i] = {account = arg(), cost = narg(), key = KEYS[2 + i]}
@@ -14,6 +15,9 @@ end
 
 local seen = hgetall(result_key)
 if seen ~= nil then
+  if seen.p ~= nil and seen.p ~= parameters then -- (results kept by older versions have none)
+    return {'REUSED'}
+  end
   local order = split(seen.o)
   local charged = {}
   for _, account in ipairs(order) do
@@ -49,7 +53,7 @@ for i, payer in ipairs(payers) do
   end
 end
 
-local fields = {'o', ''}
+local fields = {'o', '', 'p', parameters}
 local order = {}
 for i, payer in ipairs(payers) do
   local w = wallets[i]
