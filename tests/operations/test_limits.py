@@ -97,7 +97,7 @@ async def test_a_caller_that_vanishes_without_closing_is_found_by_keepalive(make
                 proxy.blackhole()  # the agent's host is gone: nothing answers, nothing is closed
                 loop = asyncio.get_running_loop()
                 started = loop.time()
-                while "call" in running.app.metering.runs:
+                while ("a1", "call") in running.app.metering.runs:
                     assert loop.time() - started < 3.5, "the session was still served past its first slice"
                     await asyncio.sleep(0.05)
         finally:
@@ -142,5 +142,5 @@ async def test_a_client_deadline_ends_a_watch_and_leaves_nothing_behind(make_ser
             await call.read()
         assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await asyncio.sleep(0.1)
-        assert running.app.metering.runs["s1"]._out is None  # detached: resumable, not served
+        assert running.app.metering.runs[("a1", "s1")]._out is None  # detached: resumable, not served
         assert await _subscribers(running) == baseline

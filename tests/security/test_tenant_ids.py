@@ -7,6 +7,7 @@ operation; within one tenant the id keeps its exactly-once meaning.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 
+from creditd.engine.durability import reconcile
 from tests.conftest import CREDIT, Api, ServerFactory, error_info
 
 
@@ -172,3 +174,55 @@ async def test_a_reused_message_id_with_other_parameters_is_refused(tenants: Any
     info = error_info(error)
     assert (info.reason, info.metadata["message_id"]) == ("MESSAGE_ID_REUSED", "msg-R")
     assert (await admin.balance(a.client), await admin.balance(a.agency)) == before
+
+
+# -- voice session ids: per agency, under concurrency -----------------------------------------
+
+
+async def _authorize(tenant: Tenant, session_id: str) -> metering_pb2.AuthorizeResponse:
+    return await tenant.worker.authorize(session_id, tenant.client)
+
+
+async def test_one_session_id_in_two_agencies_at_once(tenants: Any) -> None:
+    running, a, b = tenants
+    admin = running.api
+    answers = await asyncio.gather(*(_authorize(t, "call-1") for t in [a, b] * 8))
+    assert all(answer.allowed and answer.granted_seconds == 120 for answer in answers), answers
+    slice_micros = 120 * CREDIT // 60  # 120 s at 1 credit per minute, once per session
+    for tenant in (a, b):
+        assert (await admin.balance(tenant.client)).voice.reserved_micros == slice_micros
+    # The database knows both reservations apart: it agrees with the hot store.
+    assert await reconcile(running.app.ctx) == []
+
+    async def call(tenant: Tenant, seconds: int) -> metering_pb2.SessionSummary:
+        stream, first = await tenant.worker.start_call("call-1", tenant.client)
+        assert first.WhichOneof("msg") == "grant" and first.grant.granted_seconds == 120, first
+        await stream.write(metering_pb2.StreamUsageRequest(usage=metering_pb2.UsageReport(seconds_used=seconds - 1)))
+        final = await tenant.worker.end_call(stream, seconds)
+        assert final.WhichOneof("msg") == "summary", final
+        return final.summary
+
+    summaries = await asyncio.gather(call(a, 30), call(b, 90))
+    for tenant, summary, seconds in zip((a, b), summaries, (30, 90), strict=True):
+        cost = seconds * CREDIT // 60
+        assert (summary.billed_seconds, summary.client_charged_micros) == (seconds, cost)
+        balance = (await admin.balance(tenant.client)).voice
+        assert (balance.reserved_micros, balance.period_used_micros) == (0, cost)
+        agency = (await admin.balance(tenant.agency)).voice
+        assert (agency.reserved_micros, agency.period_used_micros) == (0, cost)
+        usage = await _entries(admin, tenant.client, ledger_pb2.LEDGER_ENTRY_KIND_VOICE_USAGE)
+        assert [(e.session_id, e.seconds, e.usage_micros) for e in usage] == [("call-1", seconds, cost)]
+    assert await reconcile(running.app.ctx) == []
+    # Settled once: a retried Authorize in either agency is told so, and nothing is reserved again.
+    for tenant in (a, b):
+        error = await _failure(_authorize(tenant, "call-1"))
+        assert error_info(error).reason == "SESSION_SETTLED"
+        assert (await admin.balance(tenant.client)).voice.reserved_micros == 0
+
+
+async def test_a_session_id_stays_unique_within_an_agency(tenants: Any) -> None:
+    _, a, _ = tenants
+    assert (await _authorize(a, "call-2")).allowed
+    error = await _failure(a.worker.authorize("call-2", a.other_client))
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(error).reason == "SESSION_ID_REUSED"

@@ -34,7 +34,7 @@ async def test_a_call_runs_until_cutoff_with_callbacks_and_async_iteration(
 
     async def on_warning(warning: LowCreditWarning) -> None:  # callbacks may be async...
         seen.append(warning)
-        reported_at_warning.append(fast_server.app.metering.runs[call_id].last_reported)
+        reported_at_warning.append(fast_server.app.metering.runs[(setup.agency_id, call_id)].last_reported)
 
     session = await client.voice_session(
         call_id,
@@ -100,7 +100,7 @@ async def test_a_lost_stream_is_resumed_and_the_call_goes_on(
     assert session._stream is not None
     await session._stream.cancel()  # the network drops the stream; the server holds the session
     await asyncio.sleep(0.3)
-    assert call_id in fast_server.app.metering.runs
+    assert (setup.agency_id, call_id) in fast_server.app.metering.runs
     grant = await session.resume()
     assert grant.granted_seconds >= 2
     await asyncio.sleep(0.5)

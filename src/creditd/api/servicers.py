@@ -80,11 +80,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         channel = _enum(request.channel, Channel, "channel", "CHANNEL_VOICE or CHANNEL_SMS")
         direction = _enum(request.direction, Direction, "direction", "DIRECTION_INBOUND or DIRECTION_OUTBOUND")
         validation.require_id(request.client_id, "client_id")
-        principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
-        run = self.metering.runs.get(request.session_id)
+        client = await self.ctx.catalog.account(request.client_id)
+        principal.require(Action.METER, client)
+        run = self.metering.runs.get((client.agency_id, request.session_id))
         if run is not None and run.client_id != request.client_id:
-            # Live sessions of this replica are found by session_id alone: another tenant's
-            # call with the same id must neither replace nor reach it.
+            # Session ids are unique per agency: another client's live call must neither be
+            # replaced nor reached.
             raise FailedPrecondition(
                 "session_id was already used for another session", "SESSION_ID_REUSED", session_id=request.session_id
             )

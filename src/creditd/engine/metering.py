@@ -44,7 +44,9 @@ SWEEP_INTERVAL_SECONDS = 2.0
 class Metering:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.runs: dict[str, VoiceRun] = {}
+        # The voice sessions this process serves, by (agency, session id): session ids are
+        # chosen by callers and unique per agency only.
+        self.runs: dict[tuple[str, str], VoiceRun] = {}
         self.sms_streams: set[UsageStream] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -124,7 +126,7 @@ class Metering:
         if result.granted_seconds <= 0:
             await self.ctx.bus.publish("events")
             return AuthorizeResult(False, party.deny_reason(result.limited_by))
-        self.runs[session_id] = VoiceRun(
+        self.runs[(party.agency_id, session_id)] = VoiceRun(
             self.ctx,
             session_id,
             client_id,
@@ -161,7 +163,7 @@ class Metering:
                 "the session is already settled", "SESSION_SETTLED", session_id=existing.session_id
             )
         max_seconds = existing.granted_seconds + await self._headroom_seconds(party, provider)
-        run = self.runs.get(existing.session_id)
+        run = self.runs.get((existing.agency_id, existing.session_id))
         expires_at = run.authorize_expires_at if run is not None else existing.expires_at
         return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, expires_at)
 
@@ -214,7 +216,7 @@ class Metering:
         return settings.slice_seconds + settings.grace_seconds
 
     def _forget(self, run: VoiceRun) -> None:
-        self.runs.pop(run.session_id, None)
+        self.runs.pop((run.agency_id, run.session_id), None)
         self._run_ended.set()
 
     # -- reacting to operators and payments --------------------------------------------
@@ -269,8 +271,9 @@ class Metering:
         now = self.ctx.now()
         settled = 0
         for agency_id in self.ctx.catalog.agency_ids():
-            for state in await self.ctx.store.live_sessions(agency_id, skip=set(self.runs)):
-                if state.session_id in self.runs or state.expires_at >= now or state.channel != Channel.VOICE:
+            served = {session_id for agency, session_id in self.runs if agency == agency_id}
+            for state in await self.ctx.store.live_sessions(agency_id, skip=served):
+                if state.session_id in served or state.expires_at >= now or state.channel != Channel.VOICE:
                     continue
                 result = await self.ctx.store.settle(
                     SettleRequest(
@@ -353,7 +356,7 @@ class UsageStream:
             return
         if start.channel != Channel.VOICE:
             raise InvalidArgument("start.channel must be CHANNEL_VOICE or CHANNEL_SMS", "start.channel")
-        run = self.metering.runs.get(start.session_id)
+        run = self.metering.runs.get((party.agency_id, start.session_id))
         if run is None:
             state = await self.ctx.store.session(party.agency_id, start.session_id)
             if state is None or state.client_id != start.client_id:

@@ -47,7 +47,7 @@ class EmbeddedHotStore(HotStore):
         # (kind, (agency or client, id)) -> when finished
         self._finished: OrderedDict[tuple[str, tuple[str, str]], float] = OrderedDict()
         self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
-        self._sessions: dict[str, SessionState] = {}
+        self._sessions: dict[tuple[str, str], SessionState] = {}  # (agency, session id) -> state
         self._live: dict[str, set[str]] = {}  # client -> its open sessions
         self._loaded = False
         self._sms: dict[tuple[str, str], tuple[str, SmsDebitResult]] = {}  # (client, id) -> parameters, result
@@ -100,7 +100,7 @@ class EmbeddedHotStore(HotStore):
             if old_kind == "sms":
                 self._sms.pop(old_key, None)
             else:
-                self._sessions.pop(old_key[1], None)
+                self._sessions.pop(old_key, None)
 
     # -- configuration and reads -------------------------------------------------------
 
@@ -126,7 +126,7 @@ class EmbeddedHotStore(HotStore):
         return copy.copy(self._wallet(account_id, balance_type, now))
 
     async def session(self, agency_id: str, session_id: str) -> SessionState | None:
-        return self._sessions.get(session_id)
+        return self._sessions.get((agency_id, session_id))
 
     async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
         return [
@@ -138,7 +138,7 @@ class EmbeddedHotStore(HotStore):
     # -- the atomic operations ---------------------------------------------------------
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        state = self._sessions.get(request.session_id)
+        state = self._sessions.get((request.agency_id, request.session_id))
         if request.open is not None:
             if state is not None:
                 return ReserveResult(0, state.granted_seconds, None, reserved=dict(state.reserved))
@@ -194,13 +194,13 @@ class EmbeddedHotStore(HotStore):
                 expires_at=request.lease_until,
             )
         state = replace(state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until)
-        self._sessions[request.session_id] = state
+        self._sessions[(request.agency_id, request.session_id)] = state
         self._live.setdefault(state.client_id, set()).add(state.session_id)
         self._emit([self._session_record(state, request.now)])
         return ReserveResult(seconds, state.granted_seconds, headroom_seconds, limited_by, reserved=reserved)
 
     async def settle(self, request: SettleRequest) -> SettleResult:
-        state = self._sessions.get(request.session_id)
+        state = self._sessions.get((request.agency_id, request.session_id))
         if state is None:
             raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
         if state.status == "settled":
@@ -230,7 +230,7 @@ class EmbeddedHotStore(HotStore):
             charged=charged,
             cutoff_reason=request.cutoff_reason,
         )
-        self._sessions[request.session_id] = state
+        self._sessions[(request.agency_id, request.session_id)] = state
         self._live.get(state.client_id, set()).discard(state.session_id)
         self._retire("session", (state.agency_id, state.session_id), request.now)
         self._emit([self._session_record(state, request.now)])
@@ -290,7 +290,7 @@ class EmbeddedHotStore(HotStore):
         applied_topups: Collection[tuple[str, str]] = (),
     ) -> None:
         self._wallets = {(w.account_id, w.balance_type): w for _, w in wallets}
-        self._sessions = {s.session_id: s for s in sessions}
+        self._sessions = {(s.agency_id, s.session_id): s for s in sessions}
         self._live = {}
         for state in sessions:
             if state.status == "open":

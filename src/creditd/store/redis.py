@@ -42,8 +42,8 @@ An outbox id is "<agency>/<stream entry id>".
 Differences from the embedded store, all deliberate:
   * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
     where the embedded store may already have rolled (or settled) the payers before it.
-  * Sessions, SMS results and applied top-up ids are per agency (the embedded store keys
-    them by id alone), and `live_sessions` is ordered by session id.
+  * Applied top-up ids are kept per agency (the embedded store keeps one set: entry ids
+    are unique either way), and `live_sessions` is ordered by session id.
   * `load` replaces the state of the agencies it is given (the embedded store: all), and
     keeps their outbox streams, as the embedded store keeps its outbox. It runs one
     transaction per agency, so a concurrent call sees an agency before or after, but it
