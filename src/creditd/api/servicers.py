@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from creditd_client.v1 import (
     account_pb2,
-    account_pb2_grpc,
     ledger_pb2,
-    ledger_pb2_grpc,
     metering_pb2,
-    metering_pb2_grpc,
 )
 
 from creditd import logs
@@ -37,9 +35,10 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+E = TypeVar("E", bound=enum.IntEnum)
 
 
-def _enum(value: int, kind: type[Any], field: str, allowed: str) -> Any:
+def _enum(value: int, kind: type[E], field: str, allowed: str) -> E:
     try:
         return kind(value)
     except ValueError:
@@ -52,7 +51,9 @@ def _page_size(value: int) -> int:
     return value or DEFAULT_PAGE_SIZE
 
 
-class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
+# The servicers implement the generated servicer interfaces without subclassing their
+# (untyped) base classes: the generated add_*_to_server functions look every method up.
+class MeteringServicer:
     def __init__(
         self, ctx: Context, auth: Authenticator, metering: Metering, telemetry: Telemetry | None = None
     ) -> None:
@@ -103,7 +104,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         )
         response = metering_pb2.AuthorizeResponse(
             allowed=result.allowed,
-            deny_reason=result.deny_reason,
+            deny_reason=convert.deny_reason(result.deny_reason),
             granted_seconds=result.granted_seconds,
             max_seconds=result.max_seconds,
         )
@@ -168,7 +169,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             stream.close()
 
 
-class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+class LedgerServicer:
     def __init__(self, ctx: Context, auth: Authenticator, ledger: Ledger) -> None:
         self.ctx, self.auth, self.ledger = ctx, auth, ledger
 
@@ -263,7 +264,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 await self.auth.principal(context)
 
 
-class AccountServicer(account_pb2_grpc.AccountServiceServicer):
+class AccountServicer:
     def __init__(self, ctx: Context, auth: Authenticator, accounts: Accounts) -> None:
         self.ctx, self.auth, self.accounts = ctx, auth, accounts
 
