@@ -16,7 +16,7 @@ from creditd_client.v1 import (
 )
 
 from creditd import logs
-from creditd.api import convert
+from creditd.api import convert, limits
 from creditd.api.auth import Action, Authenticator
 from creditd.api.errors import abort, streaming, unary
 from creditd.domain.accounts import Account, AccountKind, BillingMode, Channel, Direction, Plan, Role
@@ -33,22 +33,16 @@ from creditd.telemetry import Telemetry, deny_reason_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
-MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 E = TypeVar("E", bound=enum.IntEnum)
 
 
 def _enum(value: int, kind: type[E], field: str, allowed: str) -> E:
+    """A required enum field (the edge checks let UNSPECIFIED through) as the domain's value."""
     try:
         return kind(value)
     except ValueError:
         raise InvalidArgument(f"{field} must be {allowed}", field) from None
-
-
-def _page_size(value: int) -> int:
-    if value < 0 or value > MAX_PAGE_SIZE:
-        raise InvalidArgument(f"page_size must be 0-{MAX_PAGE_SIZE}", "page_size")
-    return value or DEFAULT_PAGE_SIZE
 
 
 # The servicers implement the generated servicer interfaces without subclassing their
@@ -125,11 +119,12 @@ class MeteringServicer:
         async def read() -> None:
             try:
                 async for message in request_iterator:
+                    limits.check(message)
                     request = convert.stream_request(message)
                     if hasattr(request, "client_id"):
                         principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
                         if logs.session_id.get() is None:
-                            logs.session_id.set(str(getattr(request, "session_id", ""))[:64] or None)
+                            logs.session_id.set(str(getattr(request, "session_id", ""))[: logs.MAX_LOGGED_ID] or None)
                     await stream.handle(request)
                 if not stream.finished:
                     # The caller closed its side without SessionEnd: nothing more will come,
@@ -230,7 +225,7 @@ class LedgerServicer:
         principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
         kind = convert.balance_type(request.balance_type) if request.balance_type else None
         entries, cursor = await self.ledger.entries(
-            request.account_id, kind, _page_size(request.page_size), request.page_token or None
+            request.account_id, kind, request.page_size or DEFAULT_PAGE_SIZE, request.page_token or None
         )
         return ledger_pb2.ListLedgerEntriesResponse(
             entries=[convert.ledger_entry(e) for e in entries], next_page_token=cursor or ""
@@ -242,7 +237,7 @@ class LedgerServicer:
         validation.require_id(request.account_id, "account_id")
         principal.require(Action.READ, await self.ctx.catalog.account(request.account_id))
         events, cursor = await self.ledger.events(
-            request.account_id, _page_size(request.page_size), request.page_token or None
+            request.account_id, request.page_size or DEFAULT_PAGE_SIZE, request.page_token or None
         )
         return ledger_pb2.ListEventsResponse(events=[convert.event(e) for e in events], next_page_token=cursor or "")
 
@@ -315,7 +310,7 @@ class AccountServicer:
                 message.default_sms_micros_per_segment,
             ),
             usage_limit_micros=validation.require_amount(message.usage_limit_micros, "usage_limit_micros"),
-            max_concurrent_sessions=_count(message.max_concurrent_sessions, "max_concurrent_sessions"),
+            max_concurrent_sessions=message.max_concurrent_sessions,
         )
 
     @unary
@@ -398,7 +393,7 @@ class AccountServicer:
             target_balance_micros=validation.require_amount(
                 refill.target_balance_micros, "auto_refill.target_balance_micros"
             ),
-            max_per_period=_count(refill.max_refills_per_period, "auto_refill.max_refills_per_period"),
+            max_per_period=refill.max_refills_per_period,
         )
         if settings.enabled and not (settings.amount_micros or settings.target_balance_micros):
             raise InvalidArgument("an enabled auto-refill needs amount_micros or target_balance_micros", "auto_refill")
@@ -476,9 +471,3 @@ class AccountServicer:
 
 def _deny_reason_label(value: int) -> str:
     return deny_reason_name(value) if value else "none"
-
-
-def _count(value: int, field: str) -> int:
-    if not 0 <= value <= 1_000_000:
-        raise InvalidArgument(f"{field} must be 0-1000000", field)
-    return value

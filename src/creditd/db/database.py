@@ -220,7 +220,7 @@ def _cursor(cursor: str | None) -> int | None:
         value = int(cursor)
     except ValueError:
         raise InvalidArgument("malformed page cursor", field="page_token") from None
-    if value <= 0:
+    if not 0 < value < 2**63:  # seqs are BIGINT
         raise InvalidArgument("malformed page cursor", field="page_token")
     return value
 
