@@ -139,13 +139,17 @@ def agency(account_id: str = "a1") -> Account:
     )
 
 
-async def test_migrations_match_tables_and_downgrade(database_url: str) -> None:
-    await asyncio.to_thread(upgrade, database_url)
-    await asyncio.to_thread(upgrade, database_url)  # a second run is a no-op
+def _sync_engine(database_url: str) -> sa.Engine:
     sync_url = sa.make_url(database_url)
     if sync_url.drivername == "sqlite+aiosqlite":
         sync_url = sync_url.set(drivername="sqlite")
-    engine = sa.create_engine(sync_url)
+    return sa.create_engine(sync_url)
+
+
+async def test_migrations_match_tables_and_downgrade(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url)
+    await asyncio.to_thread(upgrade, database_url)  # a second run is a no-op
+    engine = _sync_engine(database_url)
     try:
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -279,10 +283,7 @@ async def test_session_ids_are_per_agency(database: Database) -> None:
 
 async def test_migration_gives_existing_keys_the_agency_of_their_account(database_url: str) -> None:
     await asyncio.to_thread(upgrade, database_url, "0001")
-    sync_url = sa.make_url(database_url)
-    if sync_url.drivername == "sqlite+aiosqlite":
-        sync_url = sync_url.set(drivername="sqlite")
-    engine = sa.create_engine(sync_url)
+    engine = _sync_engine(database_url)
     try:
         with engine.begin() as conn:
             conn.execute(
