@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import importlib
+import pkgutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import creditd_client.v1
 import grpc
 import pytest
 from creditd_client.v1 import (
@@ -19,6 +23,7 @@ from creditd_client.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
+from google.protobuf import descriptor as pb_descriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from creditd.app import App
@@ -29,6 +34,33 @@ from tests import services
 
 ADMIN_TOKEN = "cdk_admin_0123456789abcdef"
 CREDIT = MICROS_PER_CREDIT
+DEFAULT_MAX_METADATA_BYTES = 8192  # what a default gRPC client accepts in headers and trailers
+
+
+def creditd_methods() -> dict[str, pb_descriptor.MethodDescriptor]:
+    """Every RPC of the creditd.v1 services, by path, from the file descriptors of the stubs."""
+    methods = {}
+    for module in pkgutil.iter_modules(creditd_client.v1.__path__):
+        if not module.name.endswith("_pb2"):
+            continue
+        file = importlib.import_module(f"creditd_client.v1.{module.name}").DESCRIPTOR
+        if file.package != "creditd.v1":
+            continue
+        for service in file.services_by_name.values():
+            for method in service.methods:
+                methods[f"/{service.full_name}/{method.name}"] = method
+    return methods
+
+
+def trailers_size(error: Any) -> int:
+    """The size of an error's status and trailers as gRPC counts it against its metadata limit
+    (each entry: name, value, 32), the status message counted percent-encoded at worst."""
+    size = len("grpc-status") + 2 + 32
+    size += len("grpc-message") + 3 * len((error.details() or "").encode()) + 32
+    for key, value in error.trailing_metadata() or ():
+        raw = base64.b64encode(value) if isinstance(value, bytes) else value.encode()
+        size += len(key) + len(raw) + 32
+    return size
 
 
 @dataclass

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+QUOTE_LENGTH = 32  # characters of a caller's value an error message may repeat
+
+
+def quote(value: str, limit: int = QUOTE_LENGTH) -> str:
+    """A caller's value for an error message: at most `limit` characters of it, in ASCII."""
+    if len(value) <= limit:
+        return ascii(value)
+    return f"{value[:limit]!a}... ({len(value)} characters)"
+
 
 class CreditdError(Exception):
     """Base of every error creditd raises on purpose."""

@@ -40,6 +40,10 @@ _PATTERNS = [
     re.compile(r"(?i)(authorization['\"]?\s*[:=,]\s*['\"]?)[^'\"\s,;)\]}]+"),
 ]
 _secrets: set[str] = set()
+MAX_LOGGED_ID = 64
+# What a caller's request id may be made of: enough for UUIDs, trace ids and "<service>:<n>",
+# nothing that could forge a log line or hide a secret in look-alike characters.
+_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:/+=-]{{1,{MAX_LOGGED_ID}}}$")
 # Fields of a LogRecord that are not extras.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -47,6 +51,17 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 def new_request_id() -> str:
     """A request id unique in this process and unlikely to repeat across replicas."""
     return f"{_PROCESS}-{next(_COUNTER):x}"
+
+
+def caller_request_id(value: str) -> str | None:
+    """The caller's `x-request-id` as it may be logged, or None to make one instead.
+
+    Only short ids of a safe character set are kept, and anything shaped like a creditd key
+    (a key pasted into the wrong header) is redacted.
+    """
+    if not _REQUEST_ID.match(value):
+        return None
+    return redact(value)
 
 
 def add_secret(secret: str) -> None:
@@ -82,7 +97,7 @@ class JsonFormatter(logging.Formatter):
         }
         request = request_id.get()
         if request is not None:
-            entry["request_id"] = request
+            entry["request_id"] = redact(request)
         session = session_id.get()
         if session is not None:
             entry["session_id"] = redact(session)

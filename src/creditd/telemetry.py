@@ -90,7 +90,6 @@ _SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-MAX_REQUEST_ID = 64
 
 
 def deny_reason_name(value: int) -> str:
@@ -337,7 +336,7 @@ class Telemetry:
         self.flushed.add(len(args[0]))
 
     def _after_topup(self, args: tuple[Any, ...], result: Any) -> None:
-        entry, fingerprint = args[0], args[1]
+        entry, fingerprint = args[1], args[2]  # (agency_id, entry, fingerprint, event)
         original, original_fingerprint, created = result
         labels = {
             "kind": entry.topup_kind.name.lower() if entry.topup_kind is not None else "",
@@ -518,15 +517,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         request: Any,
     ) -> tuple[Any, ...]:
         metadata = context.invocation_metadata() or ()
-        request_id = ""
+        request_id = None
         for key, value in metadata:
-            if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID:
-                request_id = value if value.isprintable() else ""
+            if key == "x-request-id" and isinstance(value, str):
+                request_id = logs.caller_request_id(value)
                 break
         request_token = logs.request_id.set(request_id or logs.new_request_id())
         session_token = None
         if request is not None and not isinstance(request, _Malformed) and request.session_id:
-            session_token = logs.session_id.set(request.session_id[:MAX_REQUEST_ID])
+            session_token = logs.session_id.set(request.session_id[: logs.MAX_LOGGED_ID])
         span = None
         context_token = None
         telemetry = self.telemetry

@@ -9,7 +9,11 @@ import grpc
 import pytest
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
+from google.rpc import status_pb2
+from sqlalchemy.exc import DataError, OperationalError
 
+from creditd.api.errors import as_creditd_error, to_status
+from creditd.errors import InvalidArgument
 from tests.conftest import CREDIT, Api, error_info
 
 Call = Callable[[Api], Awaitable[Any]]
@@ -181,3 +185,18 @@ async def test_stream_protocol_violations_close_only_that_stream(api: Api) -> No
 
     summary = (await api.end_call(live, 3)).summary  # the other call never noticed
     assert summary.billed_seconds == 3
+
+
+def test_only_an_unreachable_store_is_unavailable() -> None:
+    lost = OperationalError("SELECT 1", {}, OSError("connection refused"))
+    refused = DataError("SELECT 1", {}, ValueError("integer out of range"))
+    assert as_creditd_error(lost).code == "UNAVAILABLE"
+    assert as_creditd_error(refused).code == "INTERNAL"  # a statement the database refused is a bug
+
+
+def test_a_status_is_cut_to_fit_a_default_client() -> None:
+    error = InvalidArgument("x" * 50_000, "field", value="ü" * 50_000, other="y" * 10)
+    status = to_status(error)
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    assert len(status.details.encode()) <= 512 and len(details) < 2048
+    assert status_pb2.Status.FromString(details).message == status.details

@@ -223,7 +223,7 @@ async def test_clients_and_plans_are_listed_a_page_at_a_time(api: Api) -> None:
         ("GetUsage", G.GetUsageRequest(account_id="c1", start_time=stamp(NOV_3), end_time=stamp(NOV_3)),
          "INVALID_ARGUMENT", "INVALID_ARGUMENT", "end_time"),
         ("GetUsage", G.GetUsageRequest(account_id="c1", start_time=Timestamp(seconds=10**12)),
-         "INVALID_ARGUMENT", "INVALID_ARGUMENT", "start_time"),
+         "INVALID_ARGUMENT", "INVALID_ARGUMENT", "start_time.seconds"),
         ("GetUsage", G.GetUsageRequest(account_id="c1", balance_type=7), "INVALID_ARGUMENT", "INVALID_ARGUMENT",
          "balance_type"),
         ("GetUsage", G.GetUsageRequest(account_id=""), "INVALID_ARGUMENT", "INVALID_ARGUMENT", "account_id"),

@@ -124,13 +124,17 @@ def agency(account_id: str = "a1") -> Account:
     )
 
 
-async def test_migrations_match_tables_and_downgrade(database_url: str) -> None:
-    await asyncio.to_thread(upgrade, database_url)
-    await asyncio.to_thread(upgrade, database_url)  # a second run is a no-op
+def _sync_engine(database_url: str) -> sa.Engine:
     sync_url = sa.make_url(database_url)
     if sync_url.drivername == "sqlite+aiosqlite":
         sync_url = sync_url.set(drivername="sqlite")
-    engine = sa.create_engine(sync_url)
+    return sa.create_engine(sync_url)
+
+
+async def test_migrations_match_tables_and_downgrade(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url)
+    await asyncio.to_thread(upgrade, database_url)  # a second run is a no-op
+    engine = _sync_engine(database_url)
     try:
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -231,10 +235,10 @@ async def test_api_keys(database: Database) -> None:
 
 async def test_topup_is_idempotent_by_key(database: Database) -> None:
     e1, ev1 = topup("a1", "pay-1", 5_000_000)
-    assert await database.insert_topup(e1, "fp-a", ev1) == (e1, "fp-a", True)
+    assert await database.insert_topup("a1", e1, "fp-a", ev1) == (e1, "fp-a", True)
 
     e2, ev2 = topup("a1", "pay-1", 9_000_000)  # same key, other parameters
-    original, fingerprint, created = await database.insert_topup(e2, "fp-b", ev2)
+    original, fingerprint, created = await database.insert_topup("a1", e2, "fp-b", ev2)
     assert (original, fingerprint, created) == (e1, "fp-a", False)
     assert await database.get_ledger_entry(e2.entry_id) is None
     events, _ = await database.list_events(["a1"], 10, None)
@@ -242,12 +246,64 @@ async def test_topup_is_idempotent_by_key(database: Database) -> None:
     assert await database.wallet_totals() == {("a1", VOICE): (0, 5_000_000)}
 
     with pytest.raises(InvalidArgument):
-        await database.insert_topup(entry("a1", purchased=1, kind=EntryKind.TOPUP), "fp", event("a1"))
+        await database.insert_topup("a1", entry("a1", purchased=1, kind=EntryKind.TOPUP), "fp", event("a1"))
+
+
+async def test_idempotency_keys_are_per_agency(database: Database) -> None:
+    e1, ev1 = topup("c1", "invoice-X", 5_000_000)
+    e2, ev2 = topup("b1", "invoice-X", 7_000_000)  # another agency, the same key
+    assert await database.insert_topup("a1", e1, "fp-a", ev1) == (e1, "fp-a", True)
+    assert await database.insert_topup("b1", e2, "fp-b", ev2) == (e2, "fp-b", True)
+    e3, ev3 = topup("a1", "invoice-X", 1_000_000)  # the agency of c1: its keys are c1's
+    assert await database.insert_topup("a1", e3, "fp-c", ev3) == (e1, "fp-a", False)
+    assert await database.wallet_totals() == {("c1", VOICE): (0, 5_000_000), ("b1", VOICE): (0, 7_000_000)}
+
+
+async def test_session_ids_are_per_agency(database: Database) -> None:
+    mine = session("call-1", "open", 30, T0)
+    theirs = session("call-1", "open", 60, T0, agency_id="b1", client_id="d1", reserved={"d1": 1, "b1": 2})
+    await database.write_records([mine, theirs])
+    await database.write_records([session("call-1", "open", 90, T0 + 1)])  # a renewal of mine only
+    assert await database.get_session("b1", "call-1") == theirs
+    assert await database.open_sessions() == [session("call-1", "open", 90, T0 + 1), theirs]
+
+
+async def test_migration_gives_existing_keys_the_agency_of_their_account(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url, "0001")
+    engine = _sync_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO accounts VALUES ('c1', 2, 'a1', '', 'p', 1, true, true, 1, 0, 0, NULL, '{}', 0)")
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ledger_entries (entry_id, account_id, balance_type, kind, topup_kind, amount_micros,"
+                    " free_micros, purchased_micros, usage_micros, seconds, created_at, session_id, message_id,"
+                    " idempotency_key, external_ref) VALUES ('e1', 'c1', 1, 1, 1, 5, 0, 5, 0, 0, 0, '', '', 'k1', '')"
+                )
+            )
+            conn.execute(sa.text("INSERT INTO idempotency_keys VALUES ('k1', 'fp', 'e1', 0), ('k2', 'fp', 'gone', 0)"))
+        await asyncio.to_thread(upgrade, database_url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT agency_id, idempotency_key FROM idempotency_keys ORDER BY 2")).all()
+        assert [tuple(r) for r in rows] == [("a1", "k1"), ("", "k2")]
+        db = Database(database_url)
+        try:  # the key keeps its meaning in its agency
+            again, _ = topup("c1", "k1", 5)
+            original, fingerprint, created = await db.insert_topup("a1", again, "fp", event("c1"))
+            assert (original.entry_id, fingerprint, created) == ("e1", "fp", False)
+        finally:
+            await db.close()
+    finally:
+        engine.dispose()
 
 
 async def test_concurrent_topups_with_one_key_credit_once(database: Database) -> None:
     attempts = [topup("a1", "pay-race", 1_000_000 * (i + 1)) for i in range(8)]
-    results = await asyncio.gather(*(database.insert_topup(e, f"fp-{i}", ev) for i, (e, ev) in enumerate(attempts)))
+    results = await asyncio.gather(
+        *(database.insert_topup("a1", e, f"fp-{i}", ev) for i, (e, ev) in enumerate(attempts))
+    )
     winners = [r for r in results if r[2]]
     assert len(winners) == 1
     won_entry, won_fp, _ = winners[0]
@@ -287,7 +343,7 @@ async def test_write_records_batches_are_idempotent(database: Database) -> None:
 async def test_sessions_never_reopen_once_settled(database: Database) -> None:
     await database.write_records([session("s1", "open", 30, T0), session("s2", "open", 30, T0)])
     await database.write_records([session("s1", "open", 60, T0 + 25)])  # renewal
-    got = await database.get_session("s1")
+    got = await database.get_session("a1", "s1")
     assert got is not None and got.granted_seconds == 60 and got.updated_at == T0 + 25
 
     settled = session(
@@ -295,32 +351,32 @@ async def test_sessions_never_reopen_once_settled(database: Database) -> None:
     )
     await database.write_records([settled])
     await database.write_records([session("s1", "open", 90, T0 + 50)])  # a stale slice arriving late
-    assert await database.get_session("s1") == settled
+    assert await database.get_session("a1", "s1") == settled
 
     # Within one batch too: the settlement wins over slices before and after it.
     s2_settled = session("s2", "settled", 30, T0 + 20, billed_seconds=20, charged={"c1": 20_000})
     await database.write_records([session("s2", "open", 60, T0 + 10), s2_settled, session("s2", "open", 90, T0 + 30)])
-    assert await database.get_session("s2") == s2_settled
+    assert await database.get_session("a1", "s2") == s2_settled
     assert await database.open_sessions() == []
-    assert await database.get_session("s3") is None
+    assert await database.get_session("a1", "s3") is None
 
 
 async def test_a_sessions_newest_state_wins_within_and_across_batches(database: Database) -> None:
     slices = [session("s1", "open", 30 * n, T0 + 25 * n) for n in (1, 2, 3)]
     await database.write_records(slices)  # one batch: only the newest slice is written
-    assert await database.get_session("s1") == slices[2]
+    assert await database.get_session("a1", "s1") == slices[2]
 
     # A batch taken again after a lost ack arrives after the newer state: it changes nothing.
     await database.write_records(slices[:2])
     await database.write_records([slices[1], slices[0]])
-    assert await database.get_session("s1") == slices[2]
+    assert await database.get_session("a1", "s1") == slices[2]
 
     # Replicas' clocks differ: a newer slice stamped earlier still wins, an older one stamped
     # later does not.
     newer_earlier = session("s1", "open", 120, T0)
     await database.write_records([newer_earlier])
     await database.write_records([session("s1", "open", 90, T0 + 500)])
-    assert await database.get_session("s1") == newer_earlier
+    assert await database.get_session("a1", "s1") == newer_earlier
     assert await database.open_sessions() == [newer_earlier]
 
 
@@ -364,10 +420,10 @@ async def test_a_batch_is_written_whole_or_not_at_all(database: Database) -> Non
     with pytest.raises((sa.exc.IntegrityError, psycopg.IntegrityError)):
         await database.write_records([*good, unwritable])
     assert await database.list_ledger("a1", None, 10, None) == ([], None)
-    assert await database.get_session("s1") is None
+    assert await database.get_session("a1", "s1") is None
     assert await database.list_events(["a1"], 10, None) == ([], None)
     await database.write_records(good)  # the writer is usable again
-    assert await database.get_session("s1") == good[1]
+    assert await database.get_session("a1", "s1") == good[1]
     assert await database.list_events(["a1"], 10, None) == ([good[2]], None)
 
 

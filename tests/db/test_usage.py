@@ -104,7 +104,7 @@ async def test_whole_days_are_read_from_the_rollup(database: Database) -> None:
 
 async def test_the_migration_fills_the_rollup_from_an_existing_ledger(database_url: str) -> None:
     await asyncio.to_thread(upgrade, database_url)
-    await asyncio.to_thread(downgrade, database_url, "0001")
+    await asyncio.to_thread(downgrade, database_url, "0002")
     db = Database(database_url)
     try:
         rows = [

@@ -76,7 +76,9 @@ async def _sms(api: Api, client: str, country: str, segments: int, message: int)
         session_id=f"sms-{next(counter)}", client_id=client, channel=common_pb2.CHANNEL_SMS
     )
     await stream.write(metering_pb2.StreamUsageRequest(start=start))
-    send = metering_pb2.SmsSend(message_id=f"{client}-m{message}", destination_country=country, segments=segments)
+    # The id names the parameters, so a repeated id is a retry of the same message.
+    message_id = f"{client}-m{message}-{country}-{segments}"
+    send = metering_pb2.SmsSend(message_id=message_id, destination_country=country, segments=segments)
     await stream.write(metering_pb2.StreamUsageRequest(sms=send))
     result = (await stream.read()).sms_result
     if result.allowed:

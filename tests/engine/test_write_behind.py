@@ -90,7 +90,7 @@ async def test_records_stay_in_the_outbox_until_the_database_has_them(
         assert up.lag_seconds() == 0
         entries, _ = await db.list_ledger("c1", None, 10, None)
         events, _ = await db.list_events(["c1"], 10, None)
-        assert entries == [records[0]] and await db.get_session("s1") == records[1] and events == [records[2]]
+        assert entries == [records[0]] and await db.get_session("a1", "s1") == records[1] and events == [records[2]]
     finally:
         await db.close()
 
@@ -112,7 +112,7 @@ async def test_concurrent_flushes_of_one_outbox_write_each_record_once(
         assert sorted(e.entry_id for e in entries) == sorted(r.entry_id for r in records if isinstance(r, LedgerRecord))
         events, _ = await db.list_events(["c1"], 1000, None)
         assert len(events) == 50
-        assert await db.get_session("s1") == records[-2]
+        assert await db.get_session("a1", "s1") == records[-2]
     finally:
         for _, db in flushers[:2]:
             await db.close()

@@ -100,6 +100,11 @@ async def test_a_served_call_logs_json_with_its_request_id_and_no_secret(tmp_pat
                     request, metadata=(("authorization", f"Bearer {BAD_SECRET}"), ("x-request-id", "req-bad"))
                 )
             assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            # A key pasted as the request id, and ids that are too long or not of the safe set.
+            for request_id in (worker.secret, "r" * 65, 'x"}{"level": "forged'):
+                await as_worker.metering.Authorize(
+                    request, metadata=(*as_worker.metadata, ("x-request-id", request_id))
+                )
     finally:
         assert server.stop() == 0
     text = server.logs()
@@ -113,8 +118,20 @@ async def test_a_served_call_logs_json_with_its_request_id_and_no_secret(tmp_pat
     assert any(line.get("request_id") == "req-bad" and "UNAUTHENTICATED" in str(line["message"]) for line in lines)
     for secret in (ADMIN_SECRET, BAD_SECRET, worker.secret, worker.secret.rsplit("_", 1)[1]):
         assert secret not in text
+    authorized = [str(line.get("request_id")) for line in lines if "Authorize OK" in str(line["message"])]
+    assert authorized.count(logs.REDACTED) == 1  # the key's call, under its redacted id
+    assert "r" * 65 not in text and "forged" not in text  # replaced by ids of the replica
     assert "Bearer" not in text
     assert ADMIN_SECRET not in "".join(server.lines)  # the chosen admin token is not printed either
+
+
+def test_caller_request_ids_are_kept_only_when_short_and_safe() -> None:
+    assert logs.caller_request_id("4bf92f35-77b3-4da6-a3ce-929d0e0e4736") == "4bf92f35-77b3-4da6-a3ce-929d0e0e4736"
+    assert logs.caller_request_id("billing:1234/5") == "billing:1234/5"
+    assert logs.caller_request_id(ADMIN_SECRET) == logs.REDACTED
+    assert logs.caller_request_id("req-cdk_0123_abcd") == f"req-{logs.REDACTED}"
+    for unsafe in ("", "a" * 65, "id with spaces", "line\nbreak", 'quote"', "ü"):
+        assert logs.caller_request_id(unsafe) is None
 
 
 def test_setup_refuses_unknown_levels_and_formats() -> None:

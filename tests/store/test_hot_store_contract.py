@@ -448,8 +448,15 @@ async def test_settle_with_costs_naming_no_payer(store: HotStore) -> None:
 # -- SMS -------------------------------------------------------------------------------------
 
 
-def sms(message_id: str, costs: dict[str, int], segments: int = 1, now: float = T0) -> SmsDebitRequest:
-    return SmsDebitRequest(message_id, "sms-1", AGENCY, "c1", segments, costs, now, destination_country="GB")
+def sms(
+    message_id: str,
+    costs: dict[str, int],
+    segments: int = 1,
+    now: float = T0,
+    client: str = "c1",
+    country: str = "GB",
+) -> SmsDebitRequest:
+    return SmsDebitRequest(message_id, "sms-1", AGENCY, client, segments, costs, now, country)
 
 
 async def test_debit_sms_all_or_nothing_and_idempotent(store: HotStore) -> None:
@@ -480,6 +487,28 @@ async def test_debit_sms_all_or_nothing_and_idempotent(store: HotStore) -> None:
     await store.apply_topup(AGENCY, topup_entry("ag", SMS, purchased=C), T0)
     retried = await store.debit_sms(sms("m2", costs, segments=2))
     assert (retried.allowed, retried.duplicate) == (True, False)
+
+
+async def test_debit_sms_message_ids_are_per_client_and_keep_their_parameters(store: HotStore) -> None:
+    for account in ("c1", "c2", "ag"):
+        await wallet(store, account, SMS, purchased=C)
+    assert not (await store.debit_sms(sms("m1", {"c1": 166_000, "ag": 166_000}, country="US"))).duplicate
+    # Another client with the same id: its own message, debited.
+    other = await store.debit_sms(sms("m1", {"c2": 332_000, "ag": 332_000}, segments=2, client="c2", country="GB"))
+    assert (other.allowed, other.charged, other.duplicate) == (True, {"c2": 332_000, "ag": 332_000}, False)
+    assert (await read(store, "c2", SMS)).used_micros == 332_000
+    await drain(store)
+    # The same client with other parameters: refused, nothing changes.
+    for segments, country in ((2, "US"), (1, "GB")):
+        with pytest.raises(FailedPrecondition) as raised:
+            await store.debit_sms(sms("m1", {"c1": 166_000 * segments, "ag": 1}, segments=segments, country=country))
+        assert (raised.value.reason, raised.value.metadata) == ("MESSAGE_ID_REUSED", {"message_id": "m1"})
+    assert (await read(store, "c1", SMS)).used_micros == 166_000
+    assert (await read(store, "ag", SMS)).used_micros == 166_000 + 332_000
+    assert await drain(store) == []
+    # ... and the same parameters replay the first result.
+    replay = await store.debit_sms(sms("m1", {"c1": 999, "ag": 999}, country="US"))
+    assert (replay.allowed, replay.charged, replay.duplicate) == (True, {"c1": 166_000, "ag": 166_000}, True)
 
 
 async def test_debit_sms_usage_limit(store: HotStore) -> None:
@@ -873,6 +902,7 @@ SMS_SEND = st.tuples(
     st.integers(1, 3),
     st.sampled_from([0, 166_000, C]),
     st.sampled_from([166_000, 2 * C]),
+    st.sampled_from(["US", "GB"]),
 )
 OPERATIONS = st.one_of(
     st.sampled_from(list(ACCOUNTS)).flatmap(_configure),
@@ -945,9 +975,9 @@ class Driver:
             costs = {account: tariff.cost(billed) for account, tariff in tariffs.items()}
             return name, SettleRequest(session_id, AGENCY, billed, costs, self.now, cutoff)
         if name == "sms":
-            _, n, client, segments, client_rate, agency_rate = op
+            _, n, client, segments, client_rate, agency_rate, country = op
             costs = {client: client_rate * segments, AGENCY: agency_rate * segments}
-            return name, SmsDebitRequest(f"m{n}", "sms", AGENCY, client, segments, costs, self.now)
+            return name, SmsDebitRequest(f"m{n}", "sms", AGENCY, client, segments, costs, self.now, country)
         if name == "read":
             _, account, balance_type = op
             return name, (AGENCY, account, balance_type, self.now)

@@ -7,14 +7,72 @@ import time
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from creditd.domain.accounts import Account, ApiKey, Plan
+from creditd.domain.accounts import Account, AccountKind, ApiKey, BillingMode, Plan, Role
 from creditd.domain.rates import RateCard
-from creditd.domain.records import BalanceType, EventRecord, LedgerRecord
+from creditd.domain.records import BalanceType, DenyReason, EntryKind, EventRecord, EventType, LedgerRecord, TopupKind
 from creditd.domain.usage import DAY_SECONDS, UsageGroup, UsageTotals
 from creditd.domain.wallet import WalletState
 from creditd.engine import messages
 from creditd.engine.validation import require_rate, sms_rates, voice_rates
 from creditd.errors import InvalidArgument
+
+# The domain's enums (and the ints the engine passes) as the generated enum types. The
+# numbers are the same; each table says so once, typed, and knows no other value.
+ACCOUNT_KINDS: dict[int, common_pb2.AccountKind] = {
+    AccountKind.AGENCY: common_pb2.ACCOUNT_KIND_AGENCY,
+    AccountKind.CLIENT: common_pb2.ACCOUNT_KIND_CLIENT,
+}
+BILLING_MODES: dict[int, common_pb2.BillingMode] = {
+    BillingMode.NONE: common_pb2.BILLING_MODE_UNSPECIFIED,
+    BillingMode.REBILLING: common_pb2.BILLING_MODE_REBILLING,
+    BillingMode.AGENCY_PAID: common_pb2.BILLING_MODE_AGENCY_PAID,
+}
+BALANCE_TYPES: dict[int, common_pb2.BalanceType] = {
+    BalanceType.VOICE: common_pb2.BALANCE_TYPE_VOICE,
+    BalanceType.SMS: common_pb2.BALANCE_TYPE_SMS,
+}
+DENY_REASONS: dict[int, common_pb2.DenyReason] = {
+    DenyReason.NONE: common_pb2.DENY_REASON_UNSPECIFIED,
+    DenyReason.CLIENT_CREDITS_EXHAUSTED: common_pb2.DENY_REASON_CLIENT_CREDITS_EXHAUSTED,
+    DenyReason.AGENCY_CREDITS_EXHAUSTED: common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED,
+    DenyReason.USAGE_LIMIT_REACHED: common_pb2.DENY_REASON_USAGE_LIMIT_REACHED,
+    DenyReason.SUBSCRIPTION_INACTIVE: common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE,
+    DenyReason.CONCURRENCY_LIMIT_REACHED: common_pb2.DENY_REASON_CONCURRENCY_LIMIT_REACHED,
+    DenyReason.SESSION_ABANDONED: common_pb2.DENY_REASON_SESSION_ABANDONED,
+    DenyReason.SERVICE_UNAVAILABLE: common_pb2.DENY_REASON_SERVICE_UNAVAILABLE,
+}
+ENTRY_KINDS: dict[int, ledger_pb2.LedgerEntryKind] = {
+    EntryKind.TOPUP: ledger_pb2.LEDGER_ENTRY_KIND_TOPUP,
+    EntryKind.VOICE_USAGE: ledger_pb2.LEDGER_ENTRY_KIND_VOICE_USAGE,
+    EntryKind.SMS_USAGE: ledger_pb2.LEDGER_ENTRY_KIND_SMS_USAGE,
+    EntryKind.FREE_EXPIRY: ledger_pb2.LEDGER_ENTRY_KIND_FREE_EXPIRY,
+    EntryKind.FREE_ALLOWANCE: ledger_pb2.LEDGER_ENTRY_KIND_FREE_ALLOWANCE,
+}
+TOPUP_KINDS: dict[int, ledger_pb2.TopupKind] = {
+    0: ledger_pb2.TOPUP_KIND_UNSPECIFIED,  # an entry that is no top-up
+    TopupKind.PURCHASE: ledger_pb2.TOPUP_KIND_PURCHASE,
+    TopupKind.GRANT: ledger_pb2.TOPUP_KIND_GRANT,
+    TopupKind.REFUND: ledger_pb2.TOPUP_KIND_REFUND,
+    TopupKind.AUTO_REFILL: ledger_pb2.TOPUP_KIND_AUTO_REFILL,
+}
+EVENT_TYPES: dict[int, ledger_pb2.EventType] = {
+    EventType.LOW_BALANCE: ledger_pb2.EVENT_TYPE_LOW_BALANCE,
+    EventType.REFILL_REQUESTED: ledger_pb2.EVENT_TYPE_REFILL_REQUESTED,
+    EventType.LIMIT_REACHED: ledger_pb2.EVENT_TYPE_LIMIT_REACHED,
+    EventType.CUTOFF: ledger_pb2.EVENT_TYPE_CUTOFF,
+    EventType.TOPUP_APPLIED: ledger_pb2.EVENT_TYPE_TOPUP_APPLIED,
+    EventType.FREE_CREDITS_EXPIRED: ledger_pb2.EVENT_TYPE_FREE_CREDITS_EXPIRED,
+}
+ROLES: dict[int, account_pb2.Role] = {
+    Role.PLATFORM_ADMIN: account_pb2.ROLE_PLATFORM_ADMIN,
+    Role.AGENCY_ADMIN: account_pb2.ROLE_AGENCY_ADMIN,
+    Role.WORKER: account_pb2.ROLE_WORKER,
+    Role.READER: account_pb2.ROLE_READER,
+}
+
+
+def deny_reason(value: int) -> common_pb2.DenyReason:
+    return DENY_REASONS[value]
 
 
 def timestamp(epoch: float) -> Timestamp:
@@ -67,11 +125,11 @@ def rates_message(card: RateCard) -> account_pb2.Rates:
 def account(value: Account) -> account_pb2.Account:
     message = account_pb2.Account(
         account_id=value.account_id,
-        kind=int(value.kind),
+        kind=ACCOUNT_KINDS[value.kind],
         display_name=value.display_name,
         agency_id=value.agency_id,
         plan_id=value.plan_id,
-        billing_mode=int(value.billing_mode),
+        billing_mode=BILLING_MODES[value.billing_mode],
         inbound_active=value.inbound_active,
         outbound_active=value.outbound_active,
         period_anchor_day=value.anchor_day,
@@ -86,7 +144,7 @@ def account(value: Account) -> account_pb2.Account:
         refill = settings.refill
         message.balance_settings.append(
             account_pb2.BalanceSettings(
-                balance_type=int(kind),
+                balance_type=BALANCE_TYPES[kind],
                 auto_refill=account_pb2.AutoRefill(
                     enabled=refill.enabled,
                     threshold_micros=refill.threshold_micros,
@@ -119,13 +177,13 @@ def ledger_entry(entry: LedgerRecord) -> ledger_pb2.LedgerEntry:
     return ledger_pb2.LedgerEntry(
         entry_id=entry.entry_id,
         account_id=entry.account_id,
-        balance_type=int(entry.balance_type),
-        kind=int(entry.kind),
+        balance_type=BALANCE_TYPES[entry.balance_type],
+        kind=ENTRY_KINDS[entry.kind],
         amount_micros=entry.amount_micros,
         free_micros=entry.free_micros,
         purchased_micros=entry.purchased_micros,
         usage_micros=entry.usage_micros,
-        topup_kind=int(entry.topup_kind or 0),
+        topup_kind=TOPUP_KINDS[entry.topup_kind or 0],
         session_id=entry.session_id,
         message_id=entry.message_id,
         idempotency_key=entry.idempotency_key,
@@ -142,12 +200,12 @@ def event(value: EventRecord) -> ledger_pb2.Event:
     return ledger_pb2.Event(
         event_id=value.event_id,
         account_id=value.account_id,
-        type=int(value.type),
-        balance_type=int(value.balance_type),
+        type=EVENT_TYPES[value.type],
+        balance_type=BALANCE_TYPES[value.balance_type],
         amount_micros=value.amount_micros,
         idempotency_key=value.idempotency_key,
         session_id=value.session_id,
-        reason=value.reason,
+        reason=DENY_REASONS[value.reason],
         created_at=timestamp(value.created_at),
         attributes=value.attributes,
     )
@@ -156,7 +214,7 @@ def event(value: EventRecord) -> ledger_pb2.Event:
 def api_key(key: ApiKey) -> account_pb2.ApiKey:
     return account_pb2.ApiKey(
         key_id=key.key_id,
-        role=int(key.role),
+        role=ROLES[key.role],
         account_id=key.account_id,
         description=key.description,
         created_at=timestamp(key.created_at),
@@ -196,13 +254,13 @@ def stream_response(message: messages.Message) -> metering_pb2.StreamUsageRespon
                 sms_result=metering_pb2.SmsResult(
                     message_id=message.message_id,
                     allowed=message.allowed,
-                    deny_reason=message.deny_reason,
+                    deny_reason=DENY_REASONS[message.deny_reason],
                     charged_micros=message.charged_micros,
                 )
             )
         case messages.CutoffMsg():
             return metering_pb2.StreamUsageResponse(
-                cutoff=metering_pb2.Cutoff(reason=message.reason, billed_seconds=message.billed_seconds)
+                cutoff=metering_pb2.Cutoff(reason=DENY_REASONS[message.reason], billed_seconds=message.billed_seconds)
             )
         case messages.SummaryMsg():
             return metering_pb2.StreamUsageResponse(

@@ -1,4 +1,5 @@
-"""creditd errors as gRPC statuses carrying one google.rpc.ErrorInfo (domain "creditd")."""
+"""creditd errors as gRPC statuses carrying one google.rpc.ErrorInfo (domain "creditd"), and
+the decorators that put every handler behind the edge checks of creditd.api.limits."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from creditd.api import limits
 from creditd.errors import CreditdError, InvalidArgument, StoreUnavailable
 
 log = logging.getLogger(__name__)
 DOMAIN = "creditd"
 T = TypeVar("T")
+# A status travels in the trailers, which a default client accepts up to 8 KiB in all: the
+# message (percent-encoded there, and again in the details) and each metadata value are cut.
+MAX_MESSAGE_BYTES = 512
+MAX_METADATA_VALUE_BYTES = 128
 
 
 class MalformedRequest(InvalidArgument):
@@ -26,21 +32,35 @@ class MalformedRequest(InvalidArgument):
     reason = "MALFORMED_REQUEST"
 
 
+def _cut(text: str, limit: int) -> str:
+    raw = text.encode()
+    return text if len(raw) <= limit else raw[: limit - 3].decode(errors="ignore") + "..."
+
+
 def to_status(error: CreditdError) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    metadata = {key: _cut(value, MAX_METADATA_VALUE_BYTES) for key, value in error.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message, details=[detail])
+    message = _cut(error.message, MAX_MESSAGE_BYTES)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=message, details=[detail])
     return rpc_status.to_status(status)
 
 
 def as_creditd_error(exc: BaseException) -> CreditdError:
     if isinstance(exc, CreditdError):
         return exc
-    if isinstance(exc, DBAPIError | OSError | ConnectionError) or type(exc).__module__.startswith("redis"):
+    if _is_outage(exc):
         return StoreUnavailable("a store is unavailable; nothing was changed", cause=type(exc).__name__)
     log.exception("unexpected error", exc_info=exc)
     return CreditdError("internal error")
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A store that cannot be reached, as opposed to a statement it refused (a bug)."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, OSError | ConnectionError) or type(exc).__module__.startswith("redis")
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
@@ -50,11 +70,12 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
 def unary(
     fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[T]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[T]]:
-    """Turn creditd errors raised by a unary handler into rich statuses."""
+    """Check the request against its limits, then run the handler; errors become rich statuses."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
         try:
+            limits.check(request)
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -73,6 +94,7 @@ def streaming(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[T]:
         try:
+            limits.check(request)
             async for item in fn(self, request, context):
                 yield item
         except grpc.aio.AbortError:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from creditd_client.v1 import (
     account_pb2,
-    account_pb2_grpc,
     ledger_pb2,
-    ledger_pb2_grpc,
     metering_pb2,
-    metering_pb2_grpc,
 )
 
 from creditd import logs
-from creditd.api import convert, requests
+from creditd.api import convert, limits, requests
 from creditd.api.auth import Action, Authenticator, Principal
 from creditd.api.errors import abort, streaming, unary
 from creditd.domain.accounts import Account, AccountKind, BillingMode, Channel, Direction, Plan, Role
@@ -36,16 +34,20 @@ from creditd.telemetry import Telemetry, deny_reason_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
+E = TypeVar("E", bound=enum.IntEnum)
 
 
-def _enum(value: int, kind: type[Any], field: str, allowed: str) -> Any:
+def _enum(value: int, kind: type[E], field: str, allowed: str) -> E:
+    """A required enum field (the edge checks let UNSPECIFIED through) as the domain's value."""
     try:
         return kind(value)
     except ValueError:
         raise InvalidArgument(f"{field} must be {allowed}", field) from None
 
 
-class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
+# The servicers implement the generated servicer interfaces without subclassing their
+# (untyped) base classes: the generated add_*_to_server functions look every method up.
+class MeteringServicer:
     def __init__(
         self, ctx: Context, auth: Authenticator, metering: Metering, telemetry: Telemetry | None = None
     ) -> None:
@@ -88,7 +90,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         )
         response = metering_pb2.AuthorizeResponse(
             allowed=result.allowed,
-            deny_reason=result.deny_reason,
+            deny_reason=convert.deny_reason(result.deny_reason),
             granted_seconds=result.granted_seconds,
             max_seconds=result.max_seconds,
         )
@@ -109,11 +111,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         async def read() -> None:
             try:
                 async for message in request_iterator:
+                    limits.check(message)
                     request = convert.stream_request(message)
                     if hasattr(request, "client_id"):
                         principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
                         if logs.session_id.get() is None:
-                            logs.session_id.set(str(getattr(request, "session_id", ""))[:64] or None)
+                            logs.session_id.set(str(getattr(request, "session_id", ""))[: logs.MAX_LOGGED_ID] or None)
                     await stream.handle(request)
                     if stream.finished:
                         return  # ended: the stream closes once its last message is out
@@ -143,7 +146,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             stream.close()
 
 
-class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+class LedgerServicer:
     def __init__(self, ctx: Context, auth: Authenticator, ledger: Ledger) -> None:
         self.ctx, self.auth, self.ledger = ctx, auth, ledger
 
@@ -257,7 +260,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return ledger_pb2.GetUsageResponse(rows=[convert.usage_row(groups, key, totals) for key, totals in rows])
 
 
-class AccountServicer(account_pb2_grpc.AccountServiceServicer):
+class AccountServicer:
     def __init__(self, ctx: Context, auth: Authenticator, accounts: Accounts) -> None:
         self.ctx, self.auth, self.accounts = ctx, auth, accounts
 
@@ -308,7 +311,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 message.default_sms_micros_per_segment,
             ),
             usage_limit_micros=validation.require_amount(message.usage_limit_micros, "usage_limit_micros"),
-            max_concurrent_sessions=_count(message.max_concurrent_sessions, "max_concurrent_sessions"),
+            max_concurrent_sessions=message.max_concurrent_sessions,
         )
 
     @unary
@@ -391,7 +394,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             target_balance_micros=validation.require_amount(
                 refill.target_balance_micros, "auto_refill.target_balance_micros"
             ),
-            max_per_period=_count(refill.max_refills_per_period, "auto_refill.max_refills_per_period"),
+            max_per_period=refill.max_refills_per_period,
         )
         if settings.enabled and not (settings.amount_micros or settings.target_balance_micros):
             raise InvalidArgument("an enabled auto-refill needs amount_micros or target_balance_micros", "auto_refill")
@@ -503,9 +506,3 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
 def _deny_reason_label(value: int) -> str:
     return deny_reason_name(value) if value else "none"
-
-
-def _count(value: int, field: str) -> int:
-    if not 0 <= value <= 1_000_000:
-        raise InvalidArgument(f"{field} must be 0-1000000", field)
-    return value

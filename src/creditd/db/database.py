@@ -186,11 +186,8 @@ def _session(r: Mapping[Any, Any]) -> SessionRecord:
 def _cursor(cursor: str | None) -> int | None:
     if not cursor:
         return None
-    try:
-        value = int(cursor)
-    except ValueError:
-        raise InvalidArgument("malformed page cursor", field="page_token") from None
-    if value <= 0:
+    value = int(cursor) if cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 else 0
+    if not 0 < value < 2**63:  # seqs are BIGINT
         raise InvalidArgument("malformed page cursor", field="page_token")
     return value
 
@@ -360,9 +357,10 @@ class Database:
     # -- ledger ----------------------------------------------------------------------------
 
     async def insert_topup(
-        self, entry: LedgerRecord, fingerprint: str, event: EventRecord
+        self, agency_id: str, entry: LedgerRecord, fingerprint: str, event: EventRecord
     ) -> tuple[LedgerRecord, str, bool]:
-        """Record a top-up exactly once per idempotency key.
+        """Record a top-up exactly once per idempotency key of the agency (the agency of the
+        credited account: an agency and its clients share one set of keys).
 
         Returns (entry, fingerprint, True) when this call wrote it, else the entry and the
         fingerprint of the first call with the key, and False.
@@ -374,6 +372,7 @@ class Database:
                 await conn.execute(
                     sa.insert(t.idempotency_keys),
                     {
+                        "agency_id": agency_id,
                         "idempotency_key": entry.idempotency_key,
                         "fingerprint": fingerprint,
                         "entry_id": entry.entry_id,
@@ -389,7 +388,7 @@ class Database:
         query = (
             sa.select(k.c.fingerprint, e)
             .join(e, e.c.entry_id == k.c.entry_id)
-            .where(k.c.idempotency_key == entry.idempotency_key)
+            .where(k.c.agency_id == agency_id, k.c.idempotency_key == entry.idempotency_key)
         )
         async with self._tx() as conn:
             row = (await conn.execute(query)).mappings().first()
@@ -628,13 +627,17 @@ class Database:
             return _sum(await conn.scalar(query))
 
     async def open_sessions(self) -> list[SessionRecord]:
-        query = sa.select(t.sessions).where(t.sessions.c.status == "open").order_by(t.sessions.c.session_id)
+        c = t.sessions.c
+        query = sa.select(t.sessions).where(c.status == "open").order_by(c.agency_id, c.session_id)
         async with self._tx() as conn:
             return [_session(r) for r in (await conn.execute(query)).mappings()]
 
-    async def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, agency_id: str, session_id: str) -> SessionRecord | None:
+        c = t.sessions.c
         async with self._tx() as conn:
-            result = await conn.execute(sa.select(t.sessions).where(t.sessions.c.session_id == session_id))
+            result = await conn.execute(
+                sa.select(t.sessions).where(c.agency_id == agency_id, c.session_id == session_id)
+            )
             row = result.mappings().first()
         return None if row is None else _session(row)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import ReturningInsert
 
 from creditd.db import tables as t
 from creditd.domain.records import EventRecord, LedgerRecord, Record, SessionRecord
@@ -188,16 +188,17 @@ class RecordBatch:
     def of(cls, records: Iterable[Record]) -> RecordBatch:
         entries: dict[str, LedgerRecord] = {}
         events: dict[str, EventRecord] = {}
-        sessions: dict[str, SessionRecord] = {}
+        sessions: dict[tuple[str, str], SessionRecord] = {}  # session ids are unique per agency
         for record in records:
             if isinstance(record, LedgerRecord):
                 entries.setdefault(record.entry_id, record)
             elif isinstance(record, EventRecord):
                 events.setdefault(record.event_id, record)
             else:
-                stored = sessions.get(record.session_id)
+                key = (record.agency_id, record.session_id)
+                stored = sessions.get(key)
                 if stored is None or replaces(record, stored):
-                    sessions[record.session_id] = record
+                    sessions[key] = record
         return cls(list(entries.values()), list(events.values()), list(sessions.values()))
 
     def __bool__(self) -> bool:
@@ -246,8 +247,9 @@ def session_upsert(insert: Insert) -> Insert:
         incoming.status == SETTLED,
         sa.and_(stored.status != SETTLED, incoming.granted_seconds >= stored.granted_seconds),
     )
+    key = ("agency_id", "session_id")
     return insert.on_conflict_do_update(
-        index_elements=["session_id"],
-        set_={name: incoming[name] for name in SESSION_COLUMNS if name != "session_id"},
+        index_elements=list(key),
+        set_={name: incoming[name] for name in SESSION_COLUMNS if name not in key},
         where=newer,
     )

@@ -112,14 +112,17 @@ usage_daily = sa.Table(
     sa.Column("usage_micros", sa.BigInteger, nullable=False),
 )
 
-# Top-up idempotency keys: one row per key, written in the transaction of its entry.
+# Top-up idempotency keys: one row per key of an agency (the agency and its clients share
+# them), written in the transaction of its entry.
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,
-    sa.Column("idempotency_key", sa.String, primary_key=True),
+    sa.Column("idempotency_key", sa.String, nullable=False),
     sa.Column("fingerprint", sa.String, nullable=False),
     sa.Column("entry_id", sa.String, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("agency_id", sa.String, nullable=False),
+    sa.PrimaryKeyConstraint("agency_id", "idempotency_key"),
 )
 
 events = sa.Table(
@@ -140,10 +143,11 @@ events = sa.Table(
     sa.Index(None, "account_id", "created_at"),
 )
 
+# Session ids are chosen by callers: unique per agency.
 sessions = sa.Table(
     "sessions",
     metadata,
-    sa.Column("session_id", sa.String, primary_key=True),
+    sa.Column("session_id", sa.String, nullable=False),
     sa.Column("client_id", sa.String, nullable=False),
     sa.Column("agency_id", sa.String, nullable=False),
     sa.Column("channel", sa.Integer, nullable=False),
@@ -156,4 +160,5 @@ sessions = sa.Table(
     sa.Column("charged", Json, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Column("cutoff_reason", sa.Integer, nullable=False),
+    sa.PrimaryKeyConstraint("agency_id", "session_id"),
 )

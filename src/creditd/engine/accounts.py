@@ -19,7 +19,7 @@ from creditd.domain.accounts import (
 from creditd.domain.records import BalanceType, EntryKind, LedgerRecord, new_id
 from creditd.domain.wallet import RefillSettings
 from creditd.engine.context import Context
-from creditd.errors import FailedPrecondition, InvalidArgument, NotFound
+from creditd.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 
 PLAN_FIELDS = frozenset(
     {
@@ -185,7 +185,7 @@ class Accounts:
             raise InvalidArgument(
                 f"update_mask must name plan fields from {sorted(PLAN_FIELDS)}",
                 "update_mask",
-                unknown=",".join(unknown),
+                unknown=quote(",".join(unknown), 64),
             )
         plan = await self.ctx.catalog.plan(changes.agency_id, changes.plan_id)
         rates = plan.rates

@@ -90,7 +90,9 @@ class Ledger:
             attributes={"kind": kind.name, "entry_id": entry.entry_id},
         )
         fingerprint = topup_fingerprint(account_id, balance_type, amount, kind, external_ref)
-        original, original_fingerprint, created = await self.ctx.db.insert_topup(entry, fingerprint, event)
+        original, original_fingerprint, created = await self.ctx.db.insert_topup(
+            account.agency_id, entry, fingerprint, event
+        )
         if original_fingerprint != fingerprint:
             raise FailedPrecondition(
                 "this idempotency_key was used with other parameters",

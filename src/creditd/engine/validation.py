@@ -6,19 +6,22 @@ import re
 from collections.abc import Mapping
 
 from creditd.domain.money import MAX_AMOUNT_MICROS, MAX_RATE_MICROS
-from creditd.errors import InvalidArgument
+from creditd.errors import InvalidArgument, quote
+
+MAX_ID_LENGTH = 128  # account, agency, client and plan ids
+MAX_NAME_LENGTH = 64  # voice provider names
+MAX_KEY_LENGTH = 255  # caller-chosen keys and texts: session and message ids, idempotency keys, names
 
 # Ids become parts of store keys: no braces (Redis Cluster hash tags), colons or spaces.
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._@-]{{0,{MAX_ID_LENGTH - 1}}}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
-_PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-MAX_KEY_LENGTH = 255
+_PROVIDER = re.compile(rf"^[a-z0-9][a-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}$")
 
 
 def require_id(value: str, field: str) -> str:
     if not _ID.match(value):
         raise InvalidArgument(
-            f"{field} must be 1-128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+            f"{field} must be 1-{MAX_ID_LENGTH} letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
             field,
         )
     return value
@@ -52,8 +55,8 @@ def voice_rates(rates: Mapping[str, int], field: str) -> dict[str, int]:
     for provider, rate in rates.items():
         name = provider.strip().lower()
         if not _PROVIDER.match(name):
-            raise InvalidArgument(f"{field} has an invalid provider name {provider!r}", field)
-        out[name] = require_rate(rate, f"{field}[{provider}]")
+            raise InvalidArgument(f"{field} has an invalid provider name {quote(provider)}", field)
+        out[name] = require_rate(rate, f"{field}[{quote(provider)}]")
     return out
 
 
@@ -62,8 +65,8 @@ def sms_rates(rates: Mapping[str, int], field: str) -> dict[str, int]:
     for country, rate in rates.items():
         code = country.strip().upper()
         if not _COUNTRY.match(code):
-            raise InvalidArgument(f"{field} keys must be ISO 3166-1 alpha-2 codes, not {country!r}", field)
-        out[code] = require_rate(rate, f"{field}[{country}]")
+            raise InvalidArgument(f"{field} keys must be ISO 3166-1 alpha-2 codes, not {quote(country)}", field)
+        out[code] = require_rate(rate, f"{field}[{quote(country)}]")
     return out
 
 

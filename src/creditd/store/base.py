@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from creditd.domain.records import BalanceType, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
-from creditd.errors import CreditdError
+from creditd.errors import CreditdError, FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,19 @@ class SmsDebitRequest:
     segments: int
     costs: dict[str, int]  # account id -> micro-credits, every payer of the message
     now: float
-    destination_country: str = ""  # recorded on the usage entries
+    destination_country: str  # recorded on the usage entries
+
+    def parameters(self) -> str:
+        """What makes a retry the same message: where it goes and how many segments."""
+        return f"{self.destination_country}:{self.segments}"
+
+
+def message_id_reused(request: SmsDebitRequest) -> FailedPrecondition:
+    return FailedPrecondition(
+        "message_id was already used with another destination_country or segments",
+        "MESSAGE_ID_REUSED",
+        message_id=request.message_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,9 @@ class HotStore(abc.ABC):
 
     @abc.abstractmethod
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
-        """Debit one message on every payer at once, or deny it. Exactly once per message_id."""
+        """Debit one message on every payer at once, or deny it. Exactly once per message_id
+        of the client: the same id again answers the first result, or MESSAGE_ID_REUSED
+        (FailedPrecondition) if its country or segments differ."""
 
     @abc.abstractmethod
     async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:

@@ -34,6 +34,7 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
+    message_id_reused,
 )
 
 # Settled sessions and SMS results are kept this long for idempotent retries, then dropped.
@@ -43,12 +44,13 @@ RETENTION_SECONDS = 24 * 3600
 class EmbeddedHotStore(HotStore):
     def __init__(self, retention_seconds: float = RETENTION_SECONDS) -> None:
         self._retention = retention_seconds
-        self._finished: OrderedDict[tuple[str, tuple[str, str]], float] = OrderedDict()  # (kind, key) -> when
+        # (kind, (agency or client, id)) -> when finished
+        self._finished: OrderedDict[tuple[str, tuple[str, str]], float] = OrderedDict()
         self._wallets: dict[tuple[str, BalanceType], WalletState] = {}
-        self._sessions: dict[tuple[str, str], SessionState] = {}  # (agency, session id) -> session
+        self._sessions: dict[tuple[str, str], SessionState] = {}  # (agency, session id) -> state
         self._live: dict[str, set[str]] = {}  # client -> its open sessions
         self._loaded = False
-        self._sms: dict[tuple[str, str], SmsDebitResult] = {}  # (client, message id) -> result
+        self._sms: dict[tuple[str, str], tuple[str, SmsDebitResult]] = {}  # (client, id) -> parameters, result
         self._topups: set[str] = set()
         self._outbox: OrderedDict[str, Record] = OrderedDict()
         self._ids = itertools.count(1)
@@ -230,14 +232,18 @@ class EmbeddedHotStore(HotStore):
         )
         self._sessions[(request.agency_id, request.session_id)] = state
         self._live.get(state.client_id, set()).discard(state.session_id)
-        self._retire("session", (request.agency_id, state.session_id), request.now)
+        self._retire("session", (state.agency_id, state.session_id), request.now)
         self._emit([self._session_record(state, request.now)])
         return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
 
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
-        seen = self._sms.get((request.client_id, request.message_id))
+        key = (request.client_id, request.message_id)
+        parameters = request.parameters()
+        seen = self._sms.get(key)
         if seen is not None:
-            return replace(seen, duplicate=True)
+            if seen[0] != parameters:
+                raise message_id_reused(request)
+            return replace(seen[1], duplicate=True)
         wallets = [self._wallet(account, BalanceType.SMS, request.now) for account in request.costs]
         for wallet, cost in zip(wallets, request.costs.values(), strict=True):
             headroom, constraint = wallet.headroom()
@@ -251,8 +257,8 @@ class EmbeddedHotStore(HotStore):
             self._emit([_usage_entry(wallet, EntryKind.SMS_USAGE, free, purchased, cost, request)])
             self._emit(wallet.alerts(before, request.now))
         result = SmsDebitResult(True, dict(request.costs))
-        self._sms[(request.client_id, request.message_id)] = result
-        self._retire("sms", (request.client_id, request.message_id), request.now)
+        self._sms[key] = (parameters, result)
+        self._retire("sms", key, request.now)
         return result
 
     async def apply_topup(self, agency_id: str, entry: LedgerRecord, now: float) -> WalletState:

@@ -14,7 +14,7 @@ clients carries the hash tag {agency}, so a script touches one Redis Cluster slo
     P{a}:s:<session id>               hash   a session (open or settled)
     P{a}:live                         set    ids of the agency's open sessions
     P{a}:cc:<client>                  set    ids of the client's open voice sessions
-    P{a}:sms:<client>:<message id>    hash   the result of an allowed SMS debit
+    P{a}:sms:<client>:<message id>    hash   the result of an allowed SMS debit, and its parameters
     P{a}:outbox                       stream records for the database, field "r": JSON
     Pagencies                         set    agencies with state (no hash tag, see below)
     Ploaded                           string set by load(); ping() answers False without it
@@ -42,8 +42,8 @@ An outbox id is "<agency>/<stream entry id>".
 Differences from the embedded store, all deliberate:
   * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
     where the embedded store may already have rolled (or settled) the payers before it.
-  * Sessions, SMS results and applied top-up ids are per agency (the embedded store keys
-    them by id alone), and `live_sessions` is ordered by session id.
+  * Applied top-up ids are kept per agency (the embedded store keeps one set: entry ids
+    are unique either way), and `live_sessions` is ordered by session id.
   * `load` replaces the state of the agencies it is given (the embedded store: all), and
     keeps their outbox streams, as the embedded store keeps its outbox. It runs one
     transaction per agency, so a concurrent call sees an agency before or after, but it
@@ -102,6 +102,7 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
+    message_id_reused,
 )
 
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
@@ -464,6 +465,8 @@ class RedisHotStore(HotStore):
             return SmsDebitResult(False, {}, (reply[1], Constraint(reply[2])))
         if status == "DUP":
             return SmsDebitResult(True, _map_reply(reply, 1), duplicate=True)
+        if status == "REUSED":
+            raise message_id_reused(request)
         if status == "NOTFOUND":
             raise _no_wallet(BalanceType.SMS, reply[1])
         if status == "VALUE":

@@ -1,13 +1,15 @@
 -- debit_sms: debit one message on every payer at once, or deny it. Exactly once per
--- message id: an allowed debit's result is kept (a denial is not).
+-- message id of the client: an allowed debit's result is kept with its parameters (a
+-- denial is not); the same id with other parameters is refused.
 -- KEYS: message result, outbox, then the payers' SMS wallets (in cost order).
 -- ARGV: common, message id, session id, client id, destination country, segments, ttl seconds
 -- of the kept result (0: none), payer count, then (account, micros) per payer.
--- Reply: {'DUP', count, account, micros...} | {'NOTFOUND', account} | {'BOUNDS', account, anchor...}
--- | {'DENY', account, constraint} | {'OK'}.
+-- Reply: {'DUP', count, account, micros...} | {'REUSED'} | {'NOTFOUND', account}
+-- | {'BOUNDS', account, anchor...} | {'DENY', account, constraint} | {'OK'}.
 local result_key, outbox = KEYS[1], KEYS[2]
 local message_id, session_id, client, country = arg(), arg(), arg(), arg()
 local segments, ttl = narg(), narg()
+local parameters = country .. ':' .. fmt(segments) -- what makes a retry the same message
 local payers = {}
 for i = 1, narg() do
   payers[i] = {account = arg(), cost = narg(), key = KEYS[2 + i]}
@@ -15,6 +17,9 @@ end
 
 local seen = hgetall(result_key)
 if seen ~= nil then
+  if seen.p ~= nil and seen.p ~= parameters then -- (results kept by older versions have none)
+    return {'REUSED'}
+  end
   local order = split(seen.o)
   local charged = {}
   for _, account in ipairs(order) do
@@ -50,7 +55,7 @@ for i, payer in ipairs(payers) do
   end
 end
 
-local fields = {'o', ''}
+local fields = {'o', '', 'p', parameters}
 local order = {}
 for i, payer in ipairs(payers) do
   local w = wallets[i]

@@ -4,8 +4,8 @@ Entries written before this revision get their client and provider from their se
 where the session is known (an SMS entry's country was not recorded); the rollup is filled
 from the ledger as it is, so its sums equal the ledger's from the start.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -56,10 +56,13 @@ def upgrade() -> None:
     op.execute(
         """
         UPDATE ledger_entries SET
-          client_id = (SELECT s.client_id FROM sessions s WHERE s.session_id = ledger_entries.session_id),
-          provider = (SELECT s.provider FROM sessions s WHERE s.session_id = ledger_entries.session_id)
+          client_id = (SELECT s.client_id FROM sessions s WHERE s.session_id = ledger_entries.session_id
+            AND ledger_entries.account_id IN (s.client_id, s.agency_id)),
+          provider = (SELECT s.provider FROM sessions s WHERE s.session_id = ledger_entries.session_id
+            AND ledger_entries.account_id IN (s.client_id, s.agency_id))
         WHERE kind IN (2, 3)
-          AND EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = ledger_entries.session_id)
+          AND EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = ledger_entries.session_id
+            AND ledger_entries.account_id IN (s.client_id, s.agency_id))
         """
     )
     op.execute(
