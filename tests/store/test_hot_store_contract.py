@@ -1,8 +1,9 @@
 """The HotStore contract, run against the embedded store and the Redis store alike.
 
 The Redis store runs against the development machine's Redis (CREDITD_TEST_REDIS_URL, see
-tests/services.py) under a key prefix unique to the test, whose keys are deleted at teardown. A property test drives both stores through
-the same random operations and requires the same results, states and outbox records.
+tests/services.py) under a key prefix unique to the test, whose keys are deleted at teardown.
+A property test drives both stores through the same random operations and requires the
+same results, states and outbox records.
 """
 
 from __future__ import annotations
