@@ -66,7 +66,7 @@ class LedgerRecord:
     message_id: str = ""
     idempotency_key: str = ""
     external_ref: str = ""
-    seconds: int = 0
+    seconds: int = 0  # the quantity billed: seconds of talk, or segments on an SMS balance
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from . import common_pb2 as creditd_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63reditd/v1/ledger.proto\x12\ncreditd.v1\x1a\x17\x63reditd/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\x0cTopupRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x02 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.creditd.v1.TopupKind\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x06 \x01(\t\"G\n\rTopupResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\"\'\n\x11GetBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"n\n\x12GetBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\"\n\x05voice\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\x12 \n\x03sms\x18\x03 \x01(\x0b\x32\x13.creditd.v1.Balance\")\n\x13WatchBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"p\n\x14WatchBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\"\n\x05voice\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\x12 \n\x03sms\x18\x03 \x01(\x0b\x32\x13.creditd.v1.Balance\"\xac\x03\n\x0bLedgerEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x03 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.creditd.v1.LedgerEntryKind\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_micros\x18\x06 \x01(\x03\x12\x18\n\x10purchased_micros\x18\x07 \x01(\x03\x12\x14\n\x0cusage_micros\x18\x08 \x01(\x03\x12)\n\ntopup_kind\x18\t \x01(\x0e\x32\x15.creditd.v1.TopupKind\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\r \x01(\t\x12\x0f\n\x07seconds\x18\x0e \x01(\x03\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x18ListLedgerEntriesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x02 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"^\n\x19ListLedgerEntriesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.creditd.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x03\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.creditd.v1.EventType\x12-\n\x0c\x62\x61lance_type\x18\x04 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12&\n\x06reason\x18\x08 \x01(\x0e\x32\x16.creditd.v1.DenyReason\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\nattributes\x18\n \x03(\x0b\x32!.creditd.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x11ListEventsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.creditd.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12WatchEventsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"7\n\x13WatchEventsResponse\x12 \n\x05\x65vent\x18\x01 \x01(\x0b\x32\x11.creditd.v1.Event*\x89\x01\n\tTopupKind\x12\x1a\n\x16TOPUP_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13TOPUP_KIND_PURCHASE\x10\x01\x12\x14\n\x10TOPUP_KIND_GRANT\x10\x02\x12\x15\n\x11TOPUP_KIND_REFUND\x10\x03\x12\x1a\n\x16TOPUP_KIND_AUTO_REFILL\x10\x04*\xde\x01\n\x0fLedgerEntryKind\x12!\n\x1dLEDGER_ENTRY_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LEDGER_ENTRY_KIND_TOPUP\x10\x01\x12!\n\x1dLEDGER_ENTRY_KIND_VOICE_USAGE\x10\x02\x12\x1f\n\x1bLEDGER_ENTRY_KIND_SMS_USAGE\x10\x03\x12!\n\x1dLEDGER_ENTRY_KIND_FREE_EXPIRY\x10\x04\x12$\n LEDGER_ENTRY_KIND_FREE_ALLOWANCE\x10\x05*\xdc\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_TYPE_LOW_BALANCE\x10\x01\x12\x1f\n\x1b\x45VENT_TYPE_REFILL_REQUESTED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_LIMIT_REACHED\x10\x03\x12\x15\n\x11\x45VENT_TYPE_CUTOFF\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_TOPUP_APPLIED\x10\x05\x12#\n\x1f\x45VENT_TYPE_FREE_CREDITS_EXPIRED\x10\x06\x32\xf0\x03\n\rLedgerService\x12<\n\x05Topup\x12\x18.creditd.v1.TopupRequest\x1a\x19.creditd.v1.TopupResponse\x12K\n\nGetBalance\x12\x1d.creditd.v1.GetBalanceRequest\x1a\x1e.creditd.v1.GetBalanceResponse\x12S\n\x0cWatchBalance\x12\x1f.creditd.v1.WatchBalanceRequest\x1a .creditd.v1.WatchBalanceResponse0\x01\x12`\n\x11ListLedgerEntries\x12$.creditd.v1.ListLedgerEntriesRequest\x1a%.creditd.v1.ListLedgerEntriesResponse\x12K\n\nListEvents\x12\x1d.creditd.v1.ListEventsRequest\x1a\x1e.creditd.v1.ListEventsResponse\x12P\n\x0bWatchEvents\x12\x1e.creditd.v1.WatchEventsRequest\x1a\x1f.creditd.v1.WatchEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63reditd/v1/ledger.proto\x12\ncreditd.v1\x1a\x17\x63reditd/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\x0cTopupRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x02 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.creditd.v1.TopupKind\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x06 \x01(\t\"G\n\rTopupResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\"\'\n\x11GetBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"n\n\x12GetBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\"\n\x05voice\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\x12 \n\x03sms\x18\x03 \x01(\x0b\x32\x13.creditd.v1.Balance\")\n\x13WatchBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"p\n\x14WatchBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\"\n\x05voice\x18\x02 \x01(\x0b\x32\x13.creditd.v1.Balance\x12 \n\x03sms\x18\x03 \x01(\x0b\x32\x13.creditd.v1.Balance\"\xbe\x03\n\x0bLedgerEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x03 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.creditd.v1.LedgerEntryKind\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_micros\x18\x06 \x01(\x03\x12\x18\n\x10purchased_micros\x18\x07 \x01(\x03\x12\x14\n\x0cusage_micros\x18\x08 \x01(\x03\x12)\n\ntopup_kind\x18\t \x01(\x0e\x32\x15.creditd.v1.TopupKind\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\r \x01(\t\x12\x0f\n\x07seconds\x18\x0e \x01(\x03\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08segments\x18\x10 \x01(\x03\"\x84\x01\n\x18ListLedgerEntriesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x0c\x62\x61lance_type\x18\x02 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"^\n\x19ListLedgerEntriesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.creditd.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x03\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.creditd.v1.EventType\x12-\n\x0c\x62\x61lance_type\x18\x04 \x01(\x0e\x32\x17.creditd.v1.BalanceType\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12&\n\x06reason\x18\x08 \x01(\x0e\x32\x16.creditd.v1.DenyReason\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\nattributes\x18\n \x03(\x0b\x32!.creditd.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x11ListEventsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.creditd.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12WatchEventsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"7\n\x13WatchEventsResponse\x12 \n\x05\x65vent\x18\x01 \x01(\x0b\x32\x11.creditd.v1.Event*\x89\x01\n\tTopupKind\x12\x1a\n\x16TOPUP_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13TOPUP_KIND_PURCHASE\x10\x01\x12\x14\n\x10TOPUP_KIND_GRANT\x10\x02\x12\x15\n\x11TOPUP_KIND_REFUND\x10\x03\x12\x1a\n\x16TOPUP_KIND_AUTO_REFILL\x10\x04*\xde\x01\n\x0fLedgerEntryKind\x12!\n\x1dLEDGER_ENTRY_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LEDGER_ENTRY_KIND_TOPUP\x10\x01\x12!\n\x1dLEDGER_ENTRY_KIND_VOICE_USAGE\x10\x02\x12\x1f\n\x1bLEDGER_ENTRY_KIND_SMS_USAGE\x10\x03\x12!\n\x1dLEDGER_ENTRY_KIND_FREE_EXPIRY\x10\x04\x12$\n LEDGER_ENTRY_KIND_FREE_ALLOWANCE\x10\x05*\xdc\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_TYPE_LOW_BALANCE\x10\x01\x12\x1f\n\x1b\x45VENT_TYPE_REFILL_REQUESTED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_LIMIT_REACHED\x10\x03\x12\x15\n\x11\x45VENT_TYPE_CUTOFF\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_TOPUP_APPLIED\x10\x05\x12#\n\x1f\x45VENT_TYPE_FREE_CREDITS_EXPIRED\x10\x06\x32\xf0\x03\n\rLedgerService\x12<\n\x05Topup\x12\x18.creditd.v1.TopupRequest\x1a\x19.creditd.v1.TopupResponse\x12K\n\nGetBalance\x12\x1d.creditd.v1.GetBalanceRequest\x1a\x1e.creditd.v1.GetBalanceResponse\x12S\n\x0cWatchBalance\x12\x1f.creditd.v1.WatchBalanceRequest\x1a .creditd.v1.WatchBalanceResponse0\x01\x12`\n\x11ListLedgerEntries\x12$.creditd.v1.ListLedgerEntriesRequest\x1a%.creditd.v1.ListLedgerEntriesResponse\x12K\n\nListEvents\x12\x1d.creditd.v1.ListEventsRequest\x1a\x1e.creditd.v1.ListEventsResponse\x12P\n\x0bWatchEvents\x12\x1e.creditd.v1.WatchEventsRequest\x1a\x1f.creditd.v1.WatchEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_TOPUPKIND']._serialized_start=1989
-  _globals['_TOPUPKIND']._serialized_end=2126
-  _globals['_LEDGERENTRYKIND']._serialized_start=2129
-  _globals['_LEDGERENTRYKIND']._serialized_end=2351
-  _globals['_EVENTTYPE']._serialized_start=2354
-  _globals['_EVENTTYPE']._serialized_end=2574
+  _globals['_TOPUPKIND']._serialized_start=2007
+  _globals['_TOPUPKIND']._serialized_end=2144
+  _globals['_LEDGERENTRYKIND']._serialized_start=2147
+  _globals['_LEDGERENTRYKIND']._serialized_end=2369
+  _globals['_EVENTTYPE']._serialized_start=2372
+  _globals['_EVENTTYPE']._serialized_end=2592
   _globals['_TOPUPREQUEST']._serialized_start=98
   _globals['_TOPUPREQUEST']._serialized_end=286
   _globals['_TOPUPRESPONSE']._serialized_start=288
@@ -55,23 +55,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHBALANCERESPONSE']._serialized_start=557
   _globals['_WATCHBALANCERESPONSE']._serialized_end=669
   _globals['_LEDGERENTRY']._serialized_start=672
-  _globals['_LEDGERENTRY']._serialized_end=1100
-  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_start=1103
-  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_end=1235
-  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_start=1237
-  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_end=1331
-  _globals['_EVENT']._serialized_start=1334
-  _globals['_EVENT']._serialized_end=1725
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=1676
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=1725
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1727
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1805
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1807
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1887
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1889
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1929
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1931
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1986
-  _globals['_LEDGERSERVICE']._serialized_start=2577
-  _globals['_LEDGERSERVICE']._serialized_end=3073
+  _globals['_LEDGERENTRY']._serialized_end=1118
+  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_start=1121
+  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_end=1253
+  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_start=1255
+  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_end=1349
+  _globals['_EVENT']._serialized_start=1352
+  _globals['_EVENT']._serialized_end=1743
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=1694
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=1743
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1745
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1823
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1825
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1905
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1907
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1947
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1949
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=2004
+  _globals['_LEDGERSERVICE']._serialized_start=2595
+  _globals['_LEDGERSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

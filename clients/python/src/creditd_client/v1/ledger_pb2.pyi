@@ -114,7 +114,7 @@ class WatchBalanceResponse(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., voice: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ..., sms: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at")
+    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at", "segments")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class LedgerEntry(_message.Message):
     EXTERNAL_REF_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     entry_id: str
     account_id: str
     balance_type: _common_pb2.BalanceType
@@ -145,7 +146,8 @@ class LedgerEntry(_message.Message):
     external_ref: str
     seconds: int
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    segments: int
+    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[int] = ...) -> None: ...
 
 class ListLedgerEntriesRequest(_message.Message):
     __slots__ = ("account_id", "balance_type", "page_size", "page_token")
