@@ -280,6 +280,13 @@ def refill_set(client: Client, args: argparse.Namespace) -> None:
     emit(args, account, render_account)
 
 
+def low_balance_set(client: Client, args: argparse.Namespace) -> None:
+    if args.off == (args.threshold is not None):
+        raise UsageError("low-balance set: give --threshold CREDITS or --off")
+    account = client.set_low_balance_warning(args.account_id, args.type, 0 if args.off else args.threshold)
+    emit(args, account, render_account)
+
+
 def topup(client: Client, args: argparse.Namespace) -> None:
     result = client.topup(
         args.account_id,
