@@ -37,7 +37,7 @@ async def main() -> None:
         await creditd.topup(client_id, to_micros("1"), f"payment-{run}", balance_type="sms")
         print(f"client {client_id}: 1 SMS credit; US 0.166, GB 0.4 a segment")
 
-        async with await creditd.sms_sender(client_id) as sender:
+        async with creditd.sms_sender(client_id) as sender:
             for number, (country, segments) in enumerate(OUTBOX, start=1):
                 message_id = f"msg-{run}-{number}"
                 try:

@@ -1,20 +1,23 @@
 """Five minutes with creditd: an agency, a plan, a client, a top-up and a call cut off on time.
 
-Start a server first (`creditd serve`), then:
+Start a server first (`creditd serve`), then, with the client package installed
+(`pip install ./clients/python`):
 
-    CREDITD_TOKEN=<the admin key it printed> python examples/walkthrough.py
-
-Options: CREDITD_ADDRESS (default 127.0.0.1:50051).
+    export CREDITD_TOKEN=<the admin key it printed>
+    export CREDITD_ADDRESS=127.0.0.1:50051   # where it listens (this is the default)
+    python examples/walkthrough.py
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
 
 import grpc
+from creditd_client.credits import format_credits
 from creditd_client.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -25,14 +28,11 @@ from creditd_client.v1 import (
     metering_pb2_grpc,
 )
 
-from creditd.domain.money import format_credits
-
 CREDIT = 1_000_000
 
 
-async def main() -> None:
+async def main(token: str) -> None:
     address = os.environ.get("CREDITD_ADDRESS", "127.0.0.1:50051")
-    token = os.environ["CREDITD_TOKEN"]
     auth = (("authorization", f"Bearer {token}"),)
     run = uuid.uuid4().hex[:6]  # fresh ids, so the walkthrough can run again
     agency, client = f"acme-{run}", f"dental-{run}"
@@ -120,4 +120,13 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if not os.environ.get("CREDITD_TOKEN"):
+        sys.exit(
+            "walkthrough: set CREDITD_TOKEN to the admin key that `creditd serve` printed\n"
+            "  (the line 'export CREDITD_TOKEN=cdk_bootstrap_...'), and CREDITD_ADDRESS if it does not\n"
+            "  listen on 127.0.0.1:50051"
+        )
+    try:
+        asyncio.run(main(os.environ["CREDITD_TOKEN"]))
+    except grpc.aio.AioRpcError as error:
+        sys.exit(f"walkthrough: {error.code().name}: {error.details()} (is creditd serve running there?)")

@@ -1,3 +1,5 @@
 """creditd: real-time credit authorization and metering for AI voice and SMS agents."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+__version__ = metadata.version("creditd")  # written once, in pyproject.toml

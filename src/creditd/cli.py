@@ -1,4 +1,4 @@
-"""The `creditd` command: serve, migrate."""
+"""The `creditd` command: serve, migrate, reconcile, rebuild."""
 
 from __future__ import annotations
 
@@ -8,59 +8,71 @@ import contextlib
 import logging
 import signal
 import sys
-
-from sqlalchemy.engine import make_url
+import typing
+from collections.abc import Callable, Sequence
 
 from creditd import __version__, logs
 from creditd.app import App, migrate
-from creditd.config import Settings, from_env
+from creditd.config import InvalidSettings, Settings, default_text, flag, from_env, variable
 from creditd.maintenance import run_rebuild, run_reconcile
+from creditd.startup import embedded_database_lock, explain, preflight, shown
+
+# The settings each command takes as flags (serve: all of them).
+LOGGING = ("log_level", "log_format")
+MIGRATE_SETTINGS = ("database_url", *LOGGING)
+OFFLINE_SETTINGS = ("database_url", "redis_url", "redis_prefix", *LOGGING)
+
+
+def _metavar(name: str) -> str:
+    annotation = Settings.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ",".join(typing.get_args(annotation)) + "}"
+    if annotation is int:
+        return "N"
+    if annotation is float:
+        return "SECONDS"
+    if name.endswith("_url"):
+        return "URL"
+    if name.endswith("listen"):
+        return "HOST:PORT"
+    return "FILE" if name.startswith("tls_") else name.rpartition("_")[2].upper()
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """One flag per setting, its help made from the setting's field."""
+    group = parser.add_argument_group("settings (a flag overrides its environment variable)")
+    for name in names:
+        field = Settings.model_fields[name]
+        default = default_text(name)
+        text = f"{field.description} [{variable(name)}" + (f"; default {default}]" if default else "]")
+        group.add_argument(flag(name), dest=name, metavar=_metavar(name), help=text.replace("%", "%%"))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="creditd", description="Credit authorization and metering sidecar.")
     parser.add_argument("--version", action="version", version=f"creditd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    serve.add_argument("--listen", help="host:port (CREDITD_LISTEN, default 127.0.0.1:50051)")
-    serve.add_argument("--database-url", help="SQLAlchemy URL (CREDITD_DATABASE_URL)")
-    serve.add_argument("--redis-url", help="Redis URL (CREDITD_REDIS_URL); unset: embedded hot store")
-    serve.add_argument("--slice-seconds", type=int, help="reservation slice (CREDITD_SLICE_SECONDS, default 60)")
+    serve = commands.add_parser("serve", help="run the gRPC server", description="Run the gRPC server.")
+    add_setting_flags(serve, tuple(Settings.model_fields))
     migrate_cmd = commands.add_parser("migrate", help="create or upgrade the database schema")
-    migrate_cmd.add_argument("--database-url", help="SQLAlchemy URL (CREDITD_DATABASE_URL)")
+    add_setting_flags(migrate_cmd, MIGRATE_SETTINGS)
     for name, text in (
         ("reconcile", "compare Redis with the ledger for every account; exit 1 on any difference"),
         ("rebuild", "load Redis from the database (stop the replicas first)"),
     ):
-        offline = commands.add_parser(name, help=text)
-        offline.add_argument("--database-url", help="SQLAlchemy URL (CREDITD_DATABASE_URL)")
-        offline.add_argument("--redis-url", help="Redis URL (CREDITD_REDIS_URL)")
+        add_setting_flags(commands.add_parser(name, help=text), OFFLINE_SETTINGS)
     return parser
 
 
 log = logging.getLogger("creditd.cli")
 
 
-def _settings(**overrides: object) -> Settings:
-    try:
-        return from_env(None, **overrides)
-    except ValueError as exc:
-        raise SystemExit(f"creditd: {exc}") from None
-
-
-def _without_password(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "(unparsable URL)"
-
-
 async def _serve(settings: Settings) -> None:
     app = App(settings)
     await app.start()
-    store = f"redis ({_without_password(settings.redis_url)})" if settings.redis_url else "embedded"
+    store = f"redis ({shown(settings.redis_url)})" if settings.redis_url else "embedded"
     print(f"creditd {__version__} listening on {app.address}", flush=True)
-    print(f"database: {_without_password(settings.database_url)}; hot store: {store}", flush=True)
+    print(f"database: {shown(settings.database_url)}; hot store: {store}", flush=True)
     if app.metrics_address:
         print(f"metrics: http://{app.metrics_address}/metrics", flush=True)
     if settings.admin_token:
@@ -91,29 +103,49 @@ async def _serve(settings: Settings) -> None:
     print("creditd stopped", flush=True)
 
 
+def _run_serve(settings: Settings) -> int:
+    with embedded_database_lock(settings):
+        preflight(settings)
+        asyncio.run(_serve(settings))
+    return 0
+
+
+def _run_migrate(settings: Settings) -> int:
+    asyncio.run(migrate(settings.database_url))
+    print(f"database schema is up to date: {shown(settings.database_url)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Settings], int]] = {
+    "serve": _run_serve,
+    "migrate": _run_migrate,
+    "reconcile": lambda settings: asyncio.run(run_reconcile(settings)),
+    "rebuild": lambda settings: asyncio.run(run_rebuild(settings)),
+}
+
+
+def _fail(message: str, code: int) -> typing.NoReturn:
+    for line in message.splitlines():
+        print(f"creditd: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        settings = _settings(
-            listen=args.listen,
-            database_url=args.database_url,
-            redis_url=args.redis_url,
-            slice_seconds=args.slice_seconds,
-        )
-        logs.setup(settings.log_level, settings.log_format)
-        asyncio.run(_serve(settings))
-    elif args.command == "migrate":
-        settings = _settings(database_url=args.database_url)
-        logs.setup(settings.log_level, settings.log_format)
-        asyncio.run(migrate(settings.database_url))
-        print(f"database schema is up to date: {_without_password(settings.database_url)}")
-    elif args.command in ("reconcile", "rebuild"):
-        settings = _settings(database_url=args.database_url, redis_url=args.redis_url)
-        logs.setup(settings.log_level, settings.log_format)
-        command = run_reconcile if args.command == "reconcile" else run_rebuild
-        sys.exit(asyncio.run(command(settings)))
-    else:  # pragma: no cover - argparse rejects it
-        sys.exit(2)
+    flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    try:
+        settings = from_env(**flags)
+    except InvalidSettings as exc:
+        _fail(str(exc), 2)
+    logs.setup(settings.log_level, settings.log_format)
+    try:
+        code = COMMANDS[args.command](settings)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        log.debug("creditd %s failed", args.command, exc_info=True)
+        _fail(explain(exc, settings), 1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,11 @@ def _extras(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
+# Libraries too talkative for creditd's own levels: aiosqlite logs every statement at debug
+# (thousands of lines a minute), Alembic every migration context at each embedded start.
+QUIET_LOGGERS = {"aiosqlite": logging.INFO, "alembic": logging.WARNING}
+
+
 def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> logging.Handler:
     """Send every log line to `stream` (stderr) in `fmt`; returns the handler installed."""
     if level.lower() not in LEVELS:
@@ -144,4 +149,6 @@ def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, quiet in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(root.level, quiet))
     return handler

@@ -127,7 +127,12 @@ def test_wheel_built_from_the_docker_context_installs_the_entry_point(tmp_path: 
     assert "creditd/healthcheck.py" in names
     (client_wheel,) = (tmp_path / "wheels").glob("creditd_client-*.whl")
     with zipfile.ZipFile(client_wheel) as zf:
-        assert "creditd_client/v1/metering_pb2.py" in zf.namelist()
+        names = zf.namelist()
+        assert "creditd_client/v1/metering_pb2.py" in names
+        # the image has creditctl too: the builder installs every wheel it built into the venv
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "creditctl = creditd_client.cli:main" in zf.read(entry_points).decode()
+    assert any("/opt/venv/bin/pip install /wheels/*.whl" in run for run in args_of(BUILDER, "RUN"))
 
 
 def run_healthcheck(*args: str, listen: str | None = None) -> subprocess.CompletedProcess[str]:

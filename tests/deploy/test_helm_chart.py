@@ -6,6 +6,9 @@ ctypes: there is no helm binary. It is imported unconditionally, so a missing en
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,28 @@ CASES: dict[str, dict[str, Any]] = {
         "config": {"sliceSeconds": 15, "extraEnv": {"CREDITD_LOG_LEVEL": "debug"}},
     },
     "existing-secret": {"secrets": {"existingSecret": "mine"}, "migrations": {"enabled": True}},
+    "replicas": {"replicaCount": 3, "secrets": SECRETS},
+    "embedded-without-volume": {"persistence": {"enabled": False}},
+    "settings": {
+        "config": {
+            "sliceSeconds": 20,
+            "renewalLeadSeconds": 5,
+            "warningSeconds": 8,
+            "graceSeconds": 45,
+            "authorizeTtlSeconds": 30,
+            "drainSeconds": 60,
+            "flushIntervalSeconds": 0.5,
+            "flushBatch": 200,
+            "redisPrefix": "billing:",
+            "logLevel": "warning",
+            "logFormat": "text",
+            "maxMessageBytes": 65536,
+            "maxConcurrentStreams": 100,
+            "platformFreeVoiceMicros": 0,
+            "platformFreeSmsMicros": 1000000,
+            "platformRates": {"default_voice": 1200000, "sms": {"GB": 400000}},
+        }
+    },
 }
 
 
@@ -213,3 +238,122 @@ def test_service_monitor_scrapes_the_metrics_port_when_enabled() -> None:
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["billing"]
     with pytest.raises(helm.HelmError, match=r"needs metrics\.enabled"):
         render({"metrics": {"serviceMonitor": {"enabled": True}}})
+
+
+def configmap_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap")["data"]
+    return data
+
+
+def test_defaults_run_one_replica_on_the_embedded_store_on_a_writable_volume() -> None:
+    docs = render()
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one server per embedded database
+    url = configmap_env(docs)["CREDITD_DATABASE_URL"]
+    assert url == "sqlite+aiosqlite:////var/lib/creditd/creditd.db"
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in containers(docs)["creditd"]["volumeMounts"] if m["name"] == "data"]
+    assert url.endswith(f"{mount['mountPath']}/creditd.db") and not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    claim = one(docs, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert pod["securityContext"]["fsGroup"] == 10001  # the volume is writable by creditd's user
+    without = render(CASES["embedded-without-volume"])
+    assert not of_kind(without, "PersistentVolumeClaim")
+    assert {"name": "data", "emptyDir": {}} in one(without, "Deployment")["spec"]["template"]["spec"]["volumes"]
+
+
+def test_a_shared_database_needs_no_volume_and_rolls() -> None:
+    docs = render(CASES["replicas"])
+    assert not of_kind(docs, "PersistentVolumeClaim")
+    assert "strategy" not in one(docs, "Deployment")["spec"]
+    assert "CREDITD_DATABASE_URL" not in configmap_env(docs)
+    assert all(m["name"] != "data" for m in containers(docs)["creditd"]["volumeMounts"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": 2}, r"replicaCount > 1 needs a shared database"),
+        ({"replicaCount": 2, "secrets": {"databaseUrl": SECRETS["databaseUrl"]}}, r"needs secrets\.redisUrl"),
+    ],
+)
+def test_several_replicas_without_shared_stores_fail_to_render(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+def test_the_grace_period_is_the_drain_plus_a_margin() -> None:
+    def grace(values: dict[str, Any]) -> int:
+        seconds: int = one(render(values), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        return seconds
+
+    assert configmap_env(render())["CREDITD_DRAIN_SECONDS"] == "30"
+    assert grace({}) == 45
+    assert grace({"config": {"drainSeconds": 120}}) == 135
+    assert grace({"config": {"drainSeconds": 120}, "shutdownMarginSeconds": 30}) == 150
+    assert grace({"terminationGracePeriodSeconds": 600}) == 600
+
+
+def test_a_pod_disruption_budget_covers_the_pods() -> None:
+    docs = render(CASES["replicas"])
+    budget = one(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert not of_kind(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
+
+
+def test_the_main_settings_become_variables_creditd_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from creditd.config import from_env
+
+    env = configmap_env(render(CASES["settings"]))
+    assert env["CREDITD_SLICE_SECONDS"] == "20" and env["CREDITD_REDIS_PREFIX"] == "billing:"
+    for name in [n for n in os.environ if n.startswith("CREDITD_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = from_env()  # every variable is a setting, every value valid
+    assert (settings.slice_seconds, settings.drain_seconds, settings.log_format) == (20, 60.0, "text")
+    assert settings.platform_rates.default_voice == 1_200_000 and settings.platform_rates.sms == {"GB": 400_000}
+    assert settings.platform_free_voice_micros == 0 and settings.flush_batch == 200
+
+
+def test_the_worker_gets_its_token_in_the_variable_the_client_reads() -> None:
+    from creditd_client._base import address_and_key
+
+    worker = containers(render(CASES["sidecar"]))["voice-worker"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["CREDITD_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "voice-worker-creditd-key", "key": "api-key"}
+    assert "CREDITD_API_KEY" not in env
+    seen = {"CREDITD_ADDRESS": env["CREDITD_ADDRESS"]["value"], "CREDITD_TOKEN": "cdk_from_the_secret"}
+    assert address_and_key(None, None, seen) == ("127.0.0.1:50051", "cdk_from_the_secret")
+
+
+def test_a_pod_of_the_default_chart_starts(tmp_path: Path) -> None:
+    """creditd serve with the environment of a default pod (its data volume here a folder)."""
+    docs = render({"persistence": {"mountPath": str(tmp_path)}, "config": {"listen": "127.0.0.1:0"}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CREDITD_", "OTEL_"))}
+    env.update(configmap_env(docs), HOME=str(tmp_path / "home-is-read-only-in-the-pod"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "creditd.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on 127.0.0.1:" in line for line in lines), "".join(lines)
+        assert (tmp_path / "creditd.db").exists()
+        assert not (tmp_path / "home-is-read-only-in-the-pod").exists()
+    finally:
+        process.terminate()
+        process.wait(30)

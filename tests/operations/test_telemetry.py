@@ -115,6 +115,16 @@ def _named(finished: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
     return matching[0]
 
 
+async def _finished(spans: InMemorySpanExporter, name: str, seconds: float = 10.0) -> ReadableSpan:
+    """The span `name` once the server has ended it: the server ends an RPC's span after
+    the status is sent, so the caller may see the status first."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not any(span.name == name for span in spans.get_finished_spans()):
+        assert asyncio.get_running_loop().time() < deadline, f"no finished span {name!r}"
+        await asyncio.sleep(0.01)
+    return _named(spans.get_finished_spans(), name)
+
+
 async def test_every_rpc_gets_a_span_with_the_store_work_inside_it(
     make_server: ServerFactory, spans: InMemorySpanExporter
 ) -> None:
@@ -152,7 +162,7 @@ async def test_a_failed_call_is_marked_on_its_span(make_server: ServerFactory, s
         running.app.telemetry.add_span_processor(SimpleSpanProcessor(spans))
         with pytest.raises(grpc.aio.AioRpcError):
             await running.api.balance("nobody")
-        span = _named(spans.get_finished_spans(), "creditd.v1.LedgerService/GetBalance")
+        span = await _finished(spans, "creditd.v1.LedgerService/GetBalance")
         assert (
             span.attributes is not None
             and span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]

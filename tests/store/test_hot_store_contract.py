@@ -1,8 +1,9 @@
 """The HotStore contract, run against the embedded store and the Redis store alike.
 
-The Redis store runs against the Redis at 127.0.0.1:6379 under a key prefix unique to
-the test, whose keys are deleted at teardown. A property test drives both stores through
-the same random operations and requires the same results, states and outbox records.
+The Redis store runs against the development machine's Redis (CREDITD_TEST_REDIS_URL, see
+tests/services.py) under a key prefix unique to the test, whose keys are deleted at teardown.
+A property test drives both stores through the same random operations and requires the
+same results, states and outbox records.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from creditd.store.base import (
 )
 from creditd.store.embedded import EmbeddedHotStore
 from creditd.store.redis import RedisHotStore, decode_record, encode_record
+from tests.services import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 RUN = uuid.uuid4().hex[:10]
 _stores = itertools.count(1)
 

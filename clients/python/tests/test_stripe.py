@@ -16,6 +16,7 @@ from stripe_api import StripeStandIn, signed_event
 
 from creditd_client import aio
 from creditd_client.stripe import BillingProfile, StripeAdapter
+from creditd_client.types import Event
 from creditd_client.v1 import ledger_pb2
 
 SECRET = "whsec_test_creditd"
@@ -133,9 +134,7 @@ async def test_a_refill_request_becomes_one_payment_and_one_refill_topup(
             await eventually(lambda: standin.charges, "a PaymentIntent for the refill request")
         finally:
             await adapter.stop()
-        refills = [
-            e async for e in client.list_events(setup.client_id) if e.type == ledger_pb2.EVENT_TYPE_REFILL_REQUESTED
-        ]
+        refills = [e async for e in client.list_events(setup.client_id) if e.type == "EVENT_TYPE_REFILL_REQUESTED"]
         (request,) = refills
         (charge,) = standin.charges
         assert (charge["amount"], charge["currency"], charge["customer"], charge["payment_method"]) == (
@@ -183,11 +182,13 @@ async def test_a_declined_card_charges_nothing_and_credits_nothing(
 ) -> None:
     standin.declined.add("cus_broke")
     adapter = adapter_for(client, standin, **{setup.client_id: BillingProfile("cus_broke", "pm_card_declined")})
-    event = ledger_pb2.Event(
-        account_id=setup.client_id,
-        type=ledger_pb2.EVENT_TYPE_REFILL_REQUESTED,
-        amount_micros=10 * CREDIT,
-        idempotency_key=unique("refill"),
+    event = Event.from_proto(
+        ledger_pb2.Event(
+            account_id=setup.client_id,
+            type=ledger_pb2.EVENT_TYPE_REFILL_REQUESTED,
+            amount_micros=10 * CREDIT,
+            idempotency_key=unique("refill"),
+        )
     )
     assert await adapter.charge_refill(event) is None
     assert await adapter.charge_refill(event) is None  # handled: not asked again

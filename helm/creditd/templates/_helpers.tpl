@@ -84,3 +84,29 @@ grpc:
   service: {{ $service | quote }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when creditd runs on its embedded store: no database URL and no Secret of yours. */}}
+{{- define "creditd.embedded" -}}
+{{- if not (or .Values.secrets.existingSecret .Values.secrets.databaseUrl) }}true{{ end }}
+{{- end }}
+
+{{/* Settings the chart cannot serve: fail at render time, before anything starts. */}}
+{{- define "creditd.check" -}}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- if include "creditd.embedded" . }}
+{{- fail "replicaCount > 1 needs a shared database: set secrets.databaseUrl and secrets.redisUrl (or secrets.existingSecret); the embedded store serves one replica" }}
+{{- end }}
+{{- if and (not .Values.secrets.existingSecret) (not .Values.secrets.redisUrl) }}
+{{- fail "replicaCount > 1 needs secrets.redisUrl: without Redis each replica would keep balances of its own" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The pods' grace period: the drain plus a margin to write out what creditd holds. */}}
+{{- define "creditd.terminationGracePeriodSeconds" -}}
+{{- if ne (toString .Values.terminationGracePeriodSeconds) "" }}
+{{- .Values.terminationGracePeriodSeconds }}
+{{- else }}
+{{- add (int (default 30 .Values.config.drainSeconds)) (int .Values.shutdownMarginSeconds) }}
+{{- end }}
+{{- end }}

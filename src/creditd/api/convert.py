@@ -188,7 +188,9 @@ def ledger_entry(entry: LedgerRecord) -> ledger_pb2.LedgerEntry:
         message_id=entry.message_id,
         idempotency_key=entry.idempotency_key,
         external_ref=entry.external_ref,
-        seconds=entry.seconds,
+        # the record's quantity: seconds of a voice balance, segments of an SMS one
+        seconds=0 if entry.balance_type == BalanceType.SMS else entry.seconds,
+        segments=entry.seconds if entry.balance_type == BalanceType.SMS else 0,
         created_at=timestamp(entry.created_at),
         client_id=entry.client_id,
         provider=entry.provider,

@@ -66,7 +66,7 @@ class LedgerRecord:
     message_id: str = ""
     idempotency_key: str = ""
     external_ref: str = ""
-    seconds: int = 0  # voice usage: billed seconds; SMS usage: segments
+    seconds: int = 0  # the quantity billed: seconds of talk, or segments on an SMS balance
     # Usage entries: what the usage was for, so it can be summed by client, provider and country.
     client_id: str = ""
     provider: str = ""

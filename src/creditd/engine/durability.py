@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 
+from creditd.aio import raise_if_cancelled
 from creditd.domain.accounts import Account, Plan
 from creditd.domain.periods import period_bounds_epoch
 from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, SessionRecord
@@ -69,6 +70,7 @@ class Flusher:
                 await self.flush()
             except Exception as exc:  # the records stay in the outbox; try again
                 log.warning("write-behind failed, will retry: %s", exc)
+            raise_if_cancelled()
             await asyncio.sleep(self.ctx.settings.flush_interval_seconds)
 
 

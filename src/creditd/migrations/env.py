@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.pool import NullPool
 
+from creditd.db.migrate import sync_url
 from creditd.db.tables import metadata
 
 _MIGRATE_LOCK = 0x63726564_6D6967  # "cred" "mig"
-_SYNC_DRIVERS = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}
 
 
 def _url() -> sa.URL:
@@ -24,8 +24,7 @@ def _url() -> sa.URL:
     raw = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if not raw:
         raise RuntimeError("no database URL given to the creditd migrations")
-    url = sa.make_url(raw)
-    return url.set(drivername=_SYNC_DRIVERS.get(url.drivername, url.drivername))
+    return sync_url(raw)
 
 
 def run_offline() -> None:

@@ -15,6 +15,7 @@ import logging
 
 import redis.asyncio as aioredis
 
+from creditd.aio import raise_if_cancelled
 from creditd.engine.bus import LocalBus
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ class RedisBus(LocalBus):
                 for channel in batch:
                     self.deliver(channel)
                 await asyncio.sleep(0.5)
+            raise_if_cancelled()
 
     async def _receive(self, ready: asyncio.Event) -> None:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
+                    raise_if_cancelled()
                     ready.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":

@@ -5,6 +5,8 @@
 - `creditd_client.errors`: the exception tree (`CreditdError` and one subclass per status).
 """
 
+from importlib import metadata
+
 from creditd_client import aio
 from creditd_client.client import Client
 from creditd_client.credits import MICROS_PER_CREDIT, format_credits, to_micros
@@ -28,6 +30,7 @@ from creditd_client.types import (
     Balance,
     Balances,
     Cutoff,
+    Event,
     Grant,
     LowCreditWarning,
     SessionSummary,
@@ -36,7 +39,7 @@ from creditd_client.types import (
 )
 from creditd_client.voice import VoiceSession
 
-__version__ = "0.1.0"
+__version__ = metadata.version("creditd-client")  # written once, in pyproject.toml
 __all__ = [
     "MICROS_PER_CREDIT",
     "AlreadyExists",
@@ -48,6 +51,7 @@ __all__ = [
     "Cutoff",
     "DeadlineExceeded",
     "Denied",
+    "Event",
     "FailedPrecondition",
     "Grant",
     "InvalidArgument",

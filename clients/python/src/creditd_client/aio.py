@@ -25,7 +25,7 @@ from creditd_client.enums import EnumArg
 from creditd_client.errors import Denied, from_rpc_error
 from creditd_client.options import OnRetry, Options, RetryPolicy
 from creditd_client.sms import SmsSender
-from creditd_client.types import Authorization, Balances, TopupResult
+from creditd_client.types import Authorization, Balances, Event, TopupResult
 from creditd_client.v1 import account_pb2, account_pb2_grpc, ledger_pb2, ledger_pb2_grpc, metering_pb2_grpc
 from creditd_client.voice import Callback, VoiceSession
 from creditd_client.watch import AsyncWatch
@@ -152,13 +152,12 @@ class Client(ClientBase):
             on_cutoff=on_cutoff,
         )
 
-    async def sms_sender(
+    def sms_sender(
         self, client_id: str, *, session_id: str | None = None, direction: EnumArg = "outbound"
     ) -> SmsSender:
-        """Open an SMS stream for a client; `await sender.send(...)` per message."""
-        sender = SmsSender(self, client_id, session_id=session_id, direction=direction)
-        await sender.open()
-        return sender
+        """An SMS stream for a client, opened by `async with client.sms_sender(...) as sender`
+        (or `sender = await client.sms_sender(...)`); `await sender.send(...)` per message."""
+        return SmsSender(self, client_id, session_id=session_id, direction=direction)
 
     # -- metering and ledger ---------------------------------------------------------------
 
@@ -205,16 +204,15 @@ class Client(ClientBase):
 
         return AsyncWatch(start, Balances.from_proto, self._retrier("WatchBalance", True, None))
 
-    def watch_events(self, account_id: str, *, timeout: float | None = None) -> AsyncWatch[ledger_pb2.Event]:
+    def watch_events(self, account_id: str, *, timeout: float | None = None) -> AsyncWatch[Event]:
         """Events of the account as they happen. Open until cancelled (or `timeout`)."""
         request = ledger_pb2.WatchEventsRequest(account_id=account_id)
 
         def start() -> Any:
             return self._stub("ledger").WatchEvents(request, timeout=timeout, metadata=self._metadata)
 
-        def event(message: Any) -> ledger_pb2.Event:
-            result: ledger_pb2.Event = message.event
-            return result
+        def event(message: Any) -> Event:
+            return Event.from_proto(message.event)
 
         return AsyncWatch(start, event, self._retrier("WatchEvents", True, None))
 
@@ -234,10 +232,10 @@ class Client(ClientBase):
 
     async def list_events(
         self, account_id: str, *, page_size: int = 100, timeout: float | None = None
-    ) -> AsyncIterator[ledger_pb2.Event]:
+    ) -> AsyncIterator[Event]:
         """The account's events, newest first, fetched page by page as it is iterated."""
         async for event in self._pages(functools.partial(calls.list_events, account_id, page_size), "events", timeout):
-            yield event
+            yield Event.from_proto(event)
 
     async def get_usage(
         self,

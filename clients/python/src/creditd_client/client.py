@@ -1,4 +1,5 @@
-"""The synchronous client: billing services, dashboards, scripts and creditctl."""
+"""The synchronous client: billing services, dashboards, scripts, creditctl, and voice
+workers or SMS senders written as blocking code."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from typing import Any, TypeVar
 import grpc
 
 from creditd_client import _calls as calls
+from creditd_client import aio
 from creditd_client._base import ClientBase, address_and_key, options_from
+from creditd_client.blocking import BlockingSmsSender, BlockingVoiceSession, EventLoopThread
 from creditd_client.enums import EnumArg
 from creditd_client.errors import from_rpc_error
 from creditd_client.options import OnRetry, Options, RetryPolicy
-from creditd_client.types import Authorization, Balances, TopupResult
+from creditd_client.types import Authorization, Balances, Event, TopupResult
 from creditd_client.v1 import account_pb2, account_pb2_grpc, ledger_pb2, ledger_pb2_grpc, metering_pb2_grpc
+from creditd_client.voice import Callback
 from creditd_client.watch import Watch
 
 T = TypeVar("T")
@@ -42,6 +46,8 @@ class Client(ClientBase):
     ) -> None:
         address, key = address_and_key(address, api_key)
         super().__init__(address, key, options_from(options, timeout, retry, on_retry, credentials, channel_options))
+        self._api_key = key
+        self._sessions: tuple[EventLoopThread, aio.Client] | None = None  # opened by the first session
         if self.options.credentials is not None:
             self._channel = grpc.secure_channel(address, self.options.credentials, options=self._channel_options)
         else:
@@ -54,6 +60,11 @@ class Client(ClientBase):
 
     def close(self) -> None:
         self._channel.close()
+        if self._sessions is not None:
+            loop, client = self._sessions
+            self._sessions = None
+            loop.run(client.close())
+            loop.close()
 
     def __enter__(self) -> Client:
         return self
@@ -86,6 +97,54 @@ class Client(ClientBase):
             token = response.next_page_token
             if not token:
                 return
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _session_client(self) -> tuple[EventLoopThread, aio.Client]:
+        """Sessions run on the asyncio client, in an event loop thread of this client."""
+        if self._sessions is None:
+            loop = EventLoopThread()
+            self._sessions = loop, aio.Client(self.address, self._api_key, options=self.options)
+        return self._sessions
+
+    def voice_session(
+        self,
+        session_id: str,
+        client_id: str,
+        *,
+        direction: EnumArg = "inbound",
+        provider: str = "",
+        report_interval: float = 5.0,
+        on_grant: Callback | None = None,
+        on_warning: Callback | None = None,
+        on_cutoff: Callback | None = None,
+        timeout: float | None = None,
+    ) -> BlockingVoiceSession:
+        """Authorize a call; raises `Denied(reason)` when it may not be answered. Then
+        `session.answer()` when the call is answered and `session.hang_up()` (see aio)."""
+        loop, client = self._session_client()
+        session = loop.run(
+            client.voice_session(
+                session_id,
+                client_id,
+                direction=direction,
+                provider=provider,
+                report_interval=report_interval,
+                on_grant=on_grant,
+                on_warning=on_warning,
+                on_cutoff=on_cutoff,
+                timeout=timeout,
+            )
+        )
+        return BlockingVoiceSession(loop, session)
+
+    def sms_sender(
+        self, client_id: str, *, session_id: str | None = None, direction: EnumArg = "outbound"
+    ) -> BlockingSmsSender:
+        """An SMS stream for a client, opened by `with client.sms_sender(...) as sender` (or
+        `sender.open()`); `sender.send(...)` per message."""
+        loop, client = self._session_client()
+        return BlockingSmsSender(loop, client.sms_sender(client_id, session_id=session_id, direction=direction))
 
     # -- metering and ledger ---------------------------------------------------------------
 
@@ -132,16 +191,15 @@ class Client(ClientBase):
 
         return Watch(start, Balances.from_proto, self._retrier("WatchBalance", True, None))
 
-    def watch_events(self, account_id: str, *, timeout: float | None = None) -> Watch[ledger_pb2.Event]:
+    def watch_events(self, account_id: str, *, timeout: float | None = None) -> Watch[Event]:
         """Events of the account as they happen. Open until cancelled (or `timeout`)."""
         request = ledger_pb2.WatchEventsRequest(account_id=account_id)
 
         def start() -> Any:
             return self._stubs["ledger"].WatchEvents(request, timeout=timeout, metadata=self._metadata)
 
-        def event(message: Any) -> ledger_pb2.Event:
-            result: ledger_pb2.Event = message.event
-            return result
+        def event(message: Any) -> Event:
+            return Event.from_proto(message.event)
 
         return Watch(start, event, self._retrier("WatchEvents", True, None))
 
@@ -157,11 +215,12 @@ class Client(ClientBase):
         page = functools.partial(calls.list_ledger_entries, account_id, balance_type, page_size)
         return self._pages(page, "entries", timeout)
 
-    def list_events(
-        self, account_id: str, *, page_size: int = 100, timeout: float | None = None
-    ) -> Iterator[ledger_pb2.Event]:
+    def list_events(self, account_id: str, *, page_size: int = 100, timeout: float | None = None) -> Iterator[Event]:
         """The account's events, newest first, fetched page by page as it is iterated."""
-        return self._pages(functools.partial(calls.list_events, account_id, page_size), "events", timeout)
+        return map(
+            Event.from_proto,
+            self._pages(functools.partial(calls.list_events, account_id, page_size), "events", timeout),
+        )
 
     def get_usage(
         self,

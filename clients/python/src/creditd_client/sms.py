@@ -1,8 +1,8 @@
 """An SMS sending session: one stream, one allow/deny answer per message.
 
-    sender = await client.sms_sender("dental-1")
-    result = await sender.send("msg-1", "US", segments=1)   # SmsResult(allowed=True, ...)
-    summary = await sender.close()
+    async with client.sms_sender("dental-1") as sender:      # or: sender = await client.sms_sender(...)
+        result = await sender.send("msg-1", "US", segments=1)  # SmsResult(allowed=True, ...)
+    sender.summary                                              # set when the block closed it
 
 After a denial or a cutoff the sender is closed: `send` raises `SessionClosed(reason)`.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 from creditd_client import enums
 from creditd_client._stream import Final, UsageStream, deadline_exceeded
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 
 class SmsSender:
-    """Create it with `aio.Client.sms_sender`. Usable as `async with`; closing returns the summary."""
+    """Create it with `aio.Client.sms_sender`, then `async with` it (or `await` it) to open
+    its stream; closing returns the summary."""
 
     def __init__(
         self, client: Client, client_id: str, *, session_id: str | None = None, direction: EnumArg = "outbound"
@@ -51,6 +53,9 @@ class SmsSender:
         return self.cutoff or self.summary
 
     async def open(self) -> None:
+        """Open the stream (once; `async with` and `await` call it)."""
+        if self._stream is not None:
+            return
         self._stream = UsageStream(self.client._usage_stream(), self._dispatch, self._fail_pending)
         start = metering_pb2.SessionStart(
             session_id=self.session_id,
@@ -99,8 +104,15 @@ class SmsSender:
         finally:
             await stream.cancel()
 
-    async def __aenter__(self) -> SmsSender:
+    def __await__(self) -> Generator[Any, None, SmsSender]:
+        return self._opened().__await__()
+
+    async def _opened(self) -> SmsSender:
+        await self.open()
         return self
+
+    async def __aenter__(self) -> SmsSender:
+        return await self._opened()
 
     async def __aexit__(self, *_: object) -> None:
         if self._stream is not None and not self._stream.done.is_set():

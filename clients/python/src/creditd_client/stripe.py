@@ -50,10 +50,11 @@ from starlette.routing import Route
 from creditd_client.aio import Client
 from creditd_client.credits import format_credits, to_micros
 from creditd_client.errors import CreditdError, DeadlineExceeded, Unavailable
-from creditd_client.v1 import common_pb2, ledger_pb2
+from creditd_client.types import Event
 
 __all__ = ["BillingProfile", "StripeAdapter"]
 
+REFILL_REQUESTED = "EVENT_TYPE_REFILL_REQUESTED"
 log = logging.getLogger("creditd_client.stripe")
 # The metadata of a creditd payment.
 ACCOUNT = "creditd_account_id"
@@ -172,7 +173,7 @@ class StripeAdapter:
             try:
                 async with self.creditd.watch_events(account_id) as events:
                     async for event in events:
-                        if event.type == ledger_pb2.EVENT_TYPE_REFILL_REQUESTED:
+                        if event.type == REFILL_REQUESTED:
                             await self.charge_refill(event)
             except CreditdError as error:
                 log.warning("watching events of %s: %s; watching again", account_id, error)
@@ -190,12 +191,12 @@ class StripeAdapter:
     async def catch_up(self, account_id: str) -> None:
         oldest = time.time() - self.catch_up_seconds
         async for event in self.creditd.list_events(account_id):  # newest first
-            if event.created_at.ToMicroseconds() / 1e6 < oldest:
+            if event.created_at is not None and event.created_at.timestamp() < oldest:
                 break
-            if event.type == ledger_pb2.EVENT_TYPE_REFILL_REQUESTED:
+            if event.type == REFILL_REQUESTED:
                 await self.charge_refill(event)
 
-    async def charge_refill(self, event: ledger_pb2.Event) -> Any:
+    async def charge_refill(self, event: Event) -> Any:
         """One off-session PaymentIntent for one refill request; None if it was not charged
         (not this adapter's account, handled already, or the card was declined)."""
         key, account_id = event.idempotency_key, event.account_id
@@ -216,9 +217,9 @@ class StripeAdapter:
         self._charging.pop(key, None)
         return intent
 
-    async def _create_intent(self, account_id: str, event: ledger_pb2.Event, profile: BillingProfile) -> Any:
+    async def _create_intent(self, account_id: str, event: Event, profile: BillingProfile) -> Any:
         credits = format_credits(event.amount_micros)
-        balance = "sms" if event.balance_type == common_pb2.BALANCE_TYPE_SMS else "voice"
+        balance = "sms" if event.balance_type == "BALANCE_TYPE_SMS" else "voice"
         params: Any = {
             "amount": -(-event.amount_micros * self.unit_amount_per_credit // 1_000_000),  # rounded up
             "currency": self.currency,

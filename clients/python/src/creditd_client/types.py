@@ -1,19 +1,22 @@
 """What the client returns: small frozen dataclasses for balances and sessions.
 
-Records with many fields (accounts, plans, API keys, ledger entries, events, usage rows) are returned
-as the `creditd.v1` messages themselves; they are re-exported here.
+Records with many fields (accounts, plans, API keys, ledger entries, usage rows) are returned
+as the `creditd.v1` messages themselves; they are re-exported here. Events are dataclasses whose
+enum fields are names ("EVENT_TYPE_REFILL_REQUESTED"), not numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from creditd_client.v1 import common_pb2, ledger_pb2, metering_pb2
 from creditd_client.v1.account_pb2 import Account, ApiKey, CreateApiKeyResponse, Plan
-from creditd_client.v1.ledger_pb2 import Event, LedgerEntry, UsageRow
+from creditd_client.v1.ledger_pb2 import LedgerEntry, UsageRow
 
 __all__ = [
     "Account",
@@ -42,14 +45,21 @@ def _time(value: Timestamp, present: bool = True) -> datetime | None:
     return value.ToDatetime(tzinfo=UTC)
 
 
-def deny_reason_name(value: int) -> str:
-    """The DenyReason name of a number (1 -> DENY_REASON_CLIENT_CREDITS_EXHAUSTED); empty for 0."""
+def enum_name(wrapper: Any, prefix: str, value: int) -> str:
+    """The name of an enum number (BalanceType 1 -> BALANCE_TYPE_VOICE); empty for 0, the
+    unspecified value; PREFIX_<number> for a number this client does not know yet."""
     if not value:
         return ""
     try:
-        return common_pb2.DenyReason.Name(value)
+        name: str = wrapper.Name(value)
     except ValueError:
-        return f"DENY_REASON_{value}"
+        return f"{prefix}{value}"
+    return name
+
+
+def deny_reason_name(value: int) -> str:
+    """The DenyReason name of a number (1 -> DENY_REASON_CLIENT_CREDITS_EXHAUSTED); empty for 0."""
+    return enum_name(common_pb2.DenyReason, "DENY_REASON_", value)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,38 @@ class SmsResult:
     allowed: bool
     deny_reason: str
     charged_micros: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to an account: a low balance, a refill request, a cutoff, a
+    top-up. Enum fields are names; `balance_type` and `reason` are empty when they do not apply."""
+
+    event_id: str
+    account_id: str
+    type: str  # e.g. "EVENT_TYPE_REFILL_REQUESTED"
+    balance_type: str  # "BALANCE_TYPE_VOICE" or "BALANCE_TYPE_SMS"
+    amount_micros: int
+    idempotency_key: str  # of a refill request: the key of the Topup that pays for it
+    session_id: str
+    reason: str  # a DenyReason name
+    created_at: datetime | None
+    attributes: Mapping[str, str]
+
+    @classmethod
+    def from_proto(cls, message: ledger_pb2.Event) -> Event:
+        return cls(
+            event_id=message.event_id,
+            account_id=message.account_id,
+            type=enum_name(ledger_pb2.EventType, "EVENT_TYPE_", message.type),
+            balance_type=enum_name(common_pb2.BalanceType, "BALANCE_TYPE_", message.balance_type),
+            amount_micros=message.amount_micros,
+            idempotency_key=message.idempotency_key,
+            session_id=message.session_id,
+            reason=deny_reason_name(message.reason),
+            created_at=_time(message.created_at, message.HasField("created_at")),
+            attributes=dict(message.attributes),
+        )
 
 
 SessionEvent = Grant | LowCreditWarning | SmsResult | Cutoff | SessionSummary

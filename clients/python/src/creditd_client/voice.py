@@ -190,6 +190,7 @@ class VoiceSession:
         return self
 
     async def __anext__(self) -> SessionEvent:
+        self._require_answered()
         item = await self._events.get()
         if item is _END:
             self._events.put_nowait(_END)  # every later iteration ends too
@@ -198,6 +199,11 @@ class VoiceSession:
             raise item  # the stream was lost: resume() and iterate again, or give up
         event: SessionEvent = item
         return event
+
+    def _require_answered(self) -> None:
+        """Events come from the stream that answer() opens: before it, none ever would."""
+        if self._stream is None:
+            raise RuntimeError(f"session {self.session_id}: answer() the call before iterating its events")
 
     @property
     def final_reason(self) -> str:

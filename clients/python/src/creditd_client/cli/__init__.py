@@ -6,6 +6,8 @@
     creditctl topup dental 12 --key payment-123
     creditctl balance dental --watch
     creditctl usage acme --month 2026-11 --by client --csv
+    creditctl low-balance set dental --type voice --threshold 2
+    eval "$(creditctl completion bash)"
 
 Amounts are credits ("12", "0.166"), converted exactly to micro-credits. Tables by default,
 `--json` for scripts. Exit codes: 0 ok, 1 creditd refused or failed (reason on stderr), 2 usage.
@@ -17,9 +19,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from creditd_client import enums
+from creditd_client import __version__, enums
 from creditd_client.cli import _commands as commands
+from creditd_client.cli import _completion as completion
 from creditd_client.cli import _usage
 from creditd_client.client import Client
 from creditd_client.credits import to_micros
@@ -216,7 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key_id")
     p = command(key, "list", commands.key_list, "list keys")
     p.add_argument("account_id", nargs="?", default="")
+    _add_low_balance(group, command)
+    _add_completion(sub)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
+
+
+def _add_low_balance(group: Any, command: Any) -> None:
+    low = group("low-balance", "low-balance warnings (LOW_BALANCE events)")
+    p = command(low, "set", commands.low_balance_set, "raise LOW_BALANCE once each time available falls below")
+    p.add_argument("account_id")
+    _types(p, required=True)
+    p.add_argument("--threshold", type=credits, metavar="CREDITS", help="warn below this many credits")
+    p.add_argument("--off", action="store_true", help="no warning")
+
+
+def _add_completion(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("completion", help='print a shell completion script: eval "$(creditctl completion bash)"')
+    p.add_argument("shell", choices=completion.SHELLS, help="zsh: run `autoload -U bashcompinit && bashcompinit` first")
 
 
 def describe(error: CreditdError, address: str) -> str:
@@ -237,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
+    if args.command == "completion":  # needs no server
+        print(completion.bash_script(parser), end="")
+        return 0
     if args.timeout <= 0:
         print(f"{PROG}: error: --timeout must be positive", file=sys.stderr)
         return 2

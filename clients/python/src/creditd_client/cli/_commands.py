@@ -11,7 +11,7 @@ from typing import Any
 from creditd_client import enums
 from creditd_client.cli import _format as fmt
 from creditd_client.client import Client
-from creditd_client.types import Balances, TopupResult
+from creditd_client.types import Balances, Event, TopupResult
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2
 
 Handler = Callable[[Client, argparse.Namespace], None]
@@ -132,7 +132,7 @@ def render_topup(result: TopupResult) -> str:
 
 
 def render_entries(entries: list[ledger_pb2.LedgerEntry]) -> str:
-    headers = ("CREATED", "TYPE", "KIND", "AMOUNT", "FREE", "PURCHASED", "USAGE", "SECONDS", "REFERENCE", "ENTRY")
+    headers = ("CREATED", "TYPE", "KIND", "AMOUNT", "FREE", "PURCHASED", "USAGE", "BILLED", "REFERENCE", "ENTRY")
     rows = [
         [
             fmt.when(e.created_at),
@@ -142,7 +142,7 @@ def render_entries(entries: list[ledger_pb2.LedgerEntry]) -> str:
             fmt.credits(e.free_micros),
             fmt.credits(e.purchased_micros),
             fmt.credits(e.usage_micros),
-            e.seconds or "",
+            f"{e.seconds}s" if e.seconds else (f"{e.segments} seg" if e.segments else ""),
             e.session_id or e.message_id or e.idempotency_key or "",
             e.entry_id,
         ]
@@ -151,13 +151,18 @@ def render_entries(entries: list[ledger_pb2.LedgerEntry]) -> str:
     return fmt.table(headers, rows, right=range(3, 8))
 
 
-def event_row(e: ledger_pb2.Event) -> list[object]:
+def _short(name: str, prefix: str) -> str:
+    """ "EVENT_TYPE_TOPUP_APPLIED" -> "topup_applied"."""
+    return name.removeprefix(prefix).lower()
+
+
+def event_row(e: Event) -> list[object]:
     return [
         fmt.when(e.created_at),
-        _name(ledger_pb2.EventType, "EVENT_TYPE_", e.type),
-        _name(common_pb2.BalanceType, "BALANCE_TYPE_", e.balance_type) if e.balance_type else "",
+        _short(e.type, "EVENT_TYPE_"),
+        _short(e.balance_type, "BALANCE_TYPE_"),
         fmt.credits(e.amount_micros) if e.amount_micros else "",
-        _name(common_pb2.DenyReason, "DENY_REASON_", e.reason) if e.reason else "",
+        _short(e.reason, "DENY_REASON_"),
         e.idempotency_key or e.session_id or "",
     ]
 
@@ -165,7 +170,7 @@ def event_row(e: ledger_pb2.Event) -> list[object]:
 EVENT_HEADERS = ("CREATED", "EVENT", "BALANCE", "AMOUNT", "REASON", "KEY/SESSION")
 
 
-def render_events(events: list[ledger_pb2.Event]) -> str:
+def render_events(events: list[Event]) -> str:
     return fmt.table(EVENT_HEADERS, [event_row(e) for e in events], right=[3])
 
 
@@ -272,6 +277,13 @@ def refill_set(client: Client, args: argparse.Namespace) -> None:
         target_balance_micros=args.target or 0,
         max_refills_per_period=args.max_refills,
     )
+    emit(args, account, render_account)
+
+
+def low_balance_set(client: Client, args: argparse.Namespace) -> None:
+    if args.off == (args.threshold is not None):
+        raise UsageError("low-balance set: give --threshold CREDITS or --off")
+    account = client.set_low_balance_warning(args.account_id, args.type, 0 if args.off else args.threshold)
     emit(args, account, render_account)
 
 

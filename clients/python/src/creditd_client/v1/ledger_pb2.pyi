@@ -129,7 +129,7 @@ class WatchBalanceResponse(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., voice: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ..., sms: _Optional[_Union[_common_pb2.Balance, _Mapping]] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
-    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at", "client_id", "provider", "destination_country")
+    __slots__ = ("entry_id", "account_id", "balance_type", "kind", "amount_micros", "free_micros", "purchased_micros", "usage_micros", "topup_kind", "session_id", "message_id", "idempotency_key", "external_ref", "seconds", "created_at", "client_id", "provider", "destination_country", "segments")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     BALANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class LedgerEntry(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     entry_id: str
     account_id: str
     balance_type: _common_pb2.BalanceType
@@ -166,7 +167,8 @@ class LedgerEntry(_message.Message):
     client_id: str
     provider: str
     destination_country: str
-    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_id: _Optional[str] = ..., provider: _Optional[str] = ..., destination_country: _Optional[str] = ...) -> None: ...
+    segments: int
+    def __init__(self, entry_id: _Optional[str] = ..., account_id: _Optional[str] = ..., balance_type: _Optional[_Union[_common_pb2.BalanceType, str]] = ..., kind: _Optional[_Union[LedgerEntryKind, str]] = ..., amount_micros: _Optional[int] = ..., free_micros: _Optional[int] = ..., purchased_micros: _Optional[int] = ..., usage_micros: _Optional[int] = ..., topup_kind: _Optional[_Union[TopupKind, str]] = ..., session_id: _Optional[str] = ..., message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., external_ref: _Optional[str] = ..., seconds: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_id: _Optional[str] = ..., provider: _Optional[str] = ..., destination_country: _Optional[str] = ..., segments: _Optional[int] = ...) -> None: ...
 
 class ListLedgerEntriesRequest(_message.Message):
     __slots__ = ("account_id", "balance_type", "page_size", "page_token")
