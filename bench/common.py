@@ -47,14 +47,20 @@ def postgres_url(database: str) -> str:
 @dataclass
 class Stores:
     database: str
-    database_url: str
+    database_url: str  # SQLAlchemy's form, as CREDITD_DATABASE_URL takes it
     redis_url: str
     prefix: str
 
+    @property
+    def conninfo(self) -> str:
+        """The database's URL as libpq (psycopg) takes it."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
 
 @contextlib.contextmanager
-def bench_stores() -> Iterator[Stores]:
-    """A new migrated Postgres database and a new Redis key prefix, removed afterwards."""
+def bench_stores(migrate: bool = True) -> Iterator[Stores]:
+    """A new Postgres database (with creditd's schema unless `migrate` is false) and a new
+    Redis key prefix, both removed afterwards."""
     from creditd.db.migrate import upgrade
 
     name = f"creditd_bench_{uuid.uuid4().hex[:10]}"
@@ -63,7 +69,8 @@ def bench_stores() -> Iterator[Stores]:
     prefix = f"creditd-bench-{uuid.uuid4().hex[:10]}:"
     try:
         url = postgres_url(name)
-        upgrade(url)
+        if migrate:
+            upgrade(url)
         yield Stores(name, url, REDIS_URL, prefix)
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
