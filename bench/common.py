@@ -170,3 +170,22 @@ def machine() -> str:
         f"{os.cpu_count()} cores ({model}), {memory} GiB, Linux {platform.release()}, "
         f"Python {platform.python_version()}, grpcio {grpc.__version__}"
     )
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def scrape(address: str) -> list[Sample]:
+    """Every sample on a Prometheus endpoint (host:port), as (name, labels, value)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def sample_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels` (0 if none)."""
+    return sum(value for n, have, value in samples if n == name and labels.items() <= have.items())

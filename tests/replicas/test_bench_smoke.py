@@ -4,6 +4,7 @@ bench/authorize.py compares creditd with debit what they should."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -47,6 +48,38 @@ def test_the_authorize_benchmark_runs() -> None:
         assert (errors, denied) == ("0", "0"), (target, output)
     for target in ("bare", "naive Redis", "plain Postgres", "bare's p99"):
         assert re.search(rf"vs {target} [<>]= \d(\.\d)?x: +\d+\.\d\dx +(met|NOT MET)$", done.stdout, re.M), output
+
+
+def test_the_sessions_benchmark_runs(tmp_path: Path) -> None:
+    """The pool scenario on Redis + Postgres: a fifth of the sessions share an agency whose
+    pool pays two slices each; they must all be cut together, for that reason, on time."""
+    report = tmp_path / "sessions.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "sessions.py"),
+            *("--scenario", "pool", "--sessions", "100", "--clients", "10", "--loadgen-procs", "1"),
+            *("--hold", "8", "--slice-seconds", "2", "--renewal-lead", "1", "--report-every", "1"),
+            *("--new-calls", "10", "--json", str(report)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    result = json.loads(report.read_text())
+    assert (result["started"], result["errors"], result["denied"], result["unfinished"]) == (100, 0, 0, 0), output
+    assert result["pool"]["dry_sessions"] == result["dry_cutoffs"] == result["cutoffs"] == 20, output
+    assert result["cutoff_reasons"] == [common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED], output
+    assert result["pool"]["grant_ends_spread_seconds"] < 2  # answered together, so cut together
+    assert result["cutoff_lateness_ms"]["max"] is not None
+    assert result["overspent_seconds"] == 0
+    assert result["reconcile"].endswith(" 0 differences"), result["reconcile"]
+    assert result["new_calls"]["calls"] > 0 and not result["new_calls"]["errors"], result["new_calls"]
+    assert result["stalls"]["heartbeats"] > 0, result["stalls"]  # read from the server's metrics
+    verdicts = re.findall(r"^  (.+?) {2,}(met|NOT MET) ", done.stdout, re.M)
+    assert len(verdicts) == 8, output  # every target of SPEC §8 this run measures
 
 
 # -- the peers ---------------------------------------------------------------------------
