@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 from typing import Any
 
 PEERS = ("bare", "naive-redis", "plain-postgres")
@@ -50,23 +51,7 @@ end
 return 0
 """
 
-POSTGRES_SCHEMA = """
-CREATE TABLE wallets (
-  account_id text PRIMARY KEY,
-  free_micros bigint NOT NULL CHECK (free_micros >= 0),
-  purchased_micros bigint NOT NULL CHECK (purchased_micros >= 0)
-);
-CREATE TABLE ledger (
-  seq bigserial PRIMARY KEY,
-  account_id text NOT NULL,
-  session_id text NOT NULL,
-  amount_micros bigint NOT NULL,
-  free_micros bigint NOT NULL,
-  purchased_micros bigint NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX ON ledger (account_id, seq);
-"""
+POSTGRES_SCHEMA = Path(__file__).with_name("plain_postgres.sql")
 
 
 def _wallet_key(prefix: str, account_id: str) -> str:
@@ -92,7 +77,7 @@ def prepare_plain_postgres(conninfo: str, agency: str, clients: list[str], funds
     import psycopg
 
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(POSTGRES_SCHEMA)
+        conn.execute(POSTGRES_SCHEMA.read_text())
         with conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO wallets VALUES (%s, 0, %s)", [(account_id, funds) for account_id in [agency, *clients]]
