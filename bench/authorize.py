@@ -50,7 +50,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -280,8 +280,13 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_
     if procs > 1:
         flags.append("--reuseport")
     servers: list[Server] = []
-    keeps_state = target != "bare"
-    with bench_stores(migrate=target == "creditd") if keeps_state else contextlib.nullcontext() as stores:
+    databases: dict[str, Literal["creditd", "empty", "none"]] = {
+        "naive-redis": "none",
+        "plain-postgres": "empty",
+        "creditd": "creditd",
+    }
+    keeps_state = target in databases
+    with bench_stores(databases[target]) if keeps_state else contextlib.nullcontext() as stores:
         try:
             servers = _start_servers(target, stores, args, listen, flags, procs)
             command = [

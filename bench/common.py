@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 import redis
@@ -58,23 +59,25 @@ class Stores:
 
 
 @contextlib.contextmanager
-def bench_stores(migrate: bool = True) -> Iterator[Stores]:
-    """A new Postgres database (with creditd's schema unless `migrate` is false) and a new
-    Redis key prefix, both removed afterwards."""
+def bench_stores(database: Literal["creditd", "empty", "none"] = "creditd") -> Iterator[Stores]:
+    """A new Redis key prefix and a new Postgres database (with creditd's schema, empty, or
+    none at all: then `database` is ""), both removed afterwards."""
     from creditd.db.migrate import upgrade
 
-    name = f"creditd_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    name = f"creditd_bench_{uuid.uuid4().hex[:10]}" if database != "none" else ""
+    if name:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     prefix = f"creditd-bench-{uuid.uuid4().hex[:10]}:"
     try:
-        url = postgres_url(name)
-        if migrate:
+        url = postgres_url(name) if name else ""
+        if database == "creditd":
             upgrade(url)
         yield Stores(name, url, REDIS_URL, prefix)
     finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if name:
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         client = redis.Redis.from_url(REDIS_URL)
         try:
             keys = list(client.scan_iter(match=f"{prefix}*", count=1000))

@@ -56,7 +56,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -572,7 +572,8 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    with bench_stores() as stores, tempfile.TemporaryDirectory() as home:
+    database: Literal["creditd", "none"] = "creditd" if args.store == "redis" else "none"
+    with bench_stores(database) as stores, tempfile.TemporaryDirectory() as home:
         extra = {"CREDITD_SLICE_SECONDS": str(args.slice), "CREDITD_LOG_LEVEL": "warning"}
         if args.renewal_lead is not None:
             extra["CREDITD_RENEWAL_LEAD_SECONDS"] = str(args.renewal_lead)

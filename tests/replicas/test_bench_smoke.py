@@ -26,19 +26,19 @@ from common import Stores, bench_stores  # noqa: E402 - bench/common.py
 TARGETS = ("bare", "naive-redis", "plain-postgres", "creditd")
 
 
-def test_the_authorize_benchmark_runs() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "authorize.py"),
-            *("--rounds", "1", "--duration", "1", "--warmup", "0.3", "--concurrency", "8", "--channels", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+def _run(script: str, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run a benchmark script; it must succeed. Returns it and all it printed."""
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=150)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
+    return done, output
+
+
+def test_the_authorize_benchmark_runs() -> None:
+    done, output = _run(
+        "authorize.py",
+        *("--rounds", "1", "--duration", "0.5", "--warmup", "0.2", "--concurrency", "8", "--channels", "2"),
+    )
     row = re.compile(r"^(\S+)\s+1\s+asyncio\s+1\s+8\s+2\s+(\d+)\s+(\d+)\s+.*\s(\d+)\s+(\d+)$", re.M)
     rows = {m.group(1): m.groups()[1:] for m in row.finditer(done.stdout)}
     assert set(rows) == set(TARGETS), output
@@ -54,20 +54,12 @@ def test_the_sessions_benchmark_runs(tmp_path: Path) -> None:
     """The pool scenario on Redis + Postgres: a fifth of the sessions share an agency whose
     pool pays two slices each; they must all be cut together, for that reason, on time."""
     report = tmp_path / "sessions.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "sessions.py"),
-            *("--scenario", "pool", "--sessions", "100", "--clients", "10", "--loadgen-procs", "1"),
-            *("--hold", "8", "--slice-seconds", "2", "--renewal-lead", "1", "--report-every", "1"),
-            *("--new-calls", "10", "--json", str(report)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
+    done, output = _run(
+        "sessions.py",
+        *("--scenario", "pool", "--sessions", "100", "--clients", "10", "--loadgen-procs", "1"),
+        *("--hold", "8", "--slice-seconds", "2", "--renewal-lead", "1", "--report-every", "1"),
+        *("--new-calls", "10", "--json", str(report)),
     )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
     result = json.loads(report.read_text())
     assert (result["started"], result["errors"], result["denied"], result["unfinished"]) == (100, 0, 0, 0), output
     assert result["pool"]["dry_sessions"] == result["dry_cutoffs"] == result["cutoffs"] == 20, output
@@ -87,7 +79,7 @@ def test_the_sessions_benchmark_runs(tmp_path: Path) -> None:
 
 @pytest.fixture
 def stores() -> Iterator[Stores]:
-    with bench_stores(migrate=False) as made:
+    with bench_stores("empty") as made:
         yield made
 
 
