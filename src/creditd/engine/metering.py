@@ -418,10 +418,7 @@ class UsageStream:
     async def cut(self, reason: DenyReason, message_id: str = "") -> None:
         if self.finished or self.sms is None:
             return
-        if message_id:
-            self.sms.denied += 1
-            self.out.put_nowait(SmsResultMsg(message_id, False, int(reason), 0))
-        self._finish(CutoffMsg(int(reason), 0))
+        self.finished = True  # one cut, even if another comes while its event is written
         event = EventRecord(
             event_id=new_id(),
             account_id=self.sms.client_id,
@@ -432,8 +429,14 @@ class UsageStream:
             reason=int(reason),
             attributes={"message_id": message_id} if message_id else {},
         )
+        # Recorded before the Cutoff is sent: a caller that lists its events on the cutoff
+        # finds it there.
         with contextlib.suppress(CreditdError):  # the stream is cut either way
             await self.ctx.store.append_records(self.sms.agency_id, [event])
+        if message_id:
+            self.sms.denied += 1
+            self.out.put_nowait(SmsResultMsg(message_id, False, int(reason), 0))
+        self._finish(CutoffMsg(int(reason), 0))
 
     async def _end(self, end: End) -> None:
         _require_seconds(end.seconds_used)
