@@ -1,21 +1,31 @@
-"""Authorize end to end on creditd (Redis + Postgres) against a bare grpc.aio servicer.
+"""Authorize end to end on creditd (Redis + Postgres) against the designs a user would build
+instead (SPEC §8), each a grpc.aio servicer of the same creditd.v1 MeteringService.Authorize:
 
-Both servers are driven in one run, one after the other, by the same load generator: a
-separate process running N asyncio clients over C channels (each channel its own HTTP/2
-connection), each client calling Authorize back to back for --duration seconds after a
---warmup. Reported per server: calls per second, p50 and p99 latency, the server's CPU
-(cores) during the measurement, and creditd's ratio to the bare servicer (SPEC §8: at
-least 0.8).
+  bare            answers at once, no work: the cost of gRPC and the event loop alone
+  naive-redis     one two-wallet Lua debit through redis-py per call
+  plain-postgres  one row-locking two-wallet transaction through psycopg per call
+  creditd         `creditd serve` on Redis + Postgres
 
-Every Authorize uses a fresh session_id, so each one is a real new session: catalog and
-authorization checks, and one Lua reservation of the first slice on the client's and the
-agency's wallets (plus its session record written behind to Postgres). The wallets are
-funded up front with a big top-up (10^13 micros each) instead of releasing each session:
-a release would be a second RPC (a StreamUsage stream with SessionEnd) that the bare
-servicer does not do. The reservations are left to expire after CREDITD_AUTHORIZE_TTL_SECONDS
-(60 s, after the measurement), and each creditd run gets a new database and key prefix.
+One run alternates the four over --rounds rounds (bare, naive-redis, plain-postgres,
+creditd, then again), so that a machine getting busier or quieter weighs on all of them
+alike. Each is driven by the same load generator: a separate process running
+--concurrency asyncio clients (64) over --channels channels (each its own HTTP/2
+connection), each calling Authorize back to back for --duration seconds after a --warmup.
+Reported per measurement: calls per second, p50 and p99 latency, the server process's CPU
+(cores) during the measurement (the servers only: not Redis, Postgres or the load
+generator); then, per server, the median over the rounds, and creditd's ratios to each
+peer against SPEC §8's targets, each said met or not met.
 
-    python bench/authorize.py                     # asyncio servers, one process each
+Every Authorize uses a fresh session_id and debits one 60 s slice at 1 credit a minute from
+the client's wallet and the agency's. On creditd each is a real new session: catalog and
+authorization checks, one Lua reservation of the first slice on both wallets (plus its
+session record written behind to Postgres). The wallets are funded up front (10^13 micros
+each) instead of releasing each session: a release would be a second RPC (a StreamUsage
+stream with SessionEnd) that the peers do not make. creditd's reservations are left to
+expire after CREDITD_AUTHORIZE_TTL_SECONDS (60 s, after the measurement). Every server
+that keeps state gets a new Postgres database and Redis key prefix, dropped afterwards.
+
+    python bench/authorize.py                     # 3 rounds of the four, asyncio, one process each
     python bench/authorize.py --loop uvloop       # servers on uvloop
     python bench/authorize.py --procs 2           # two processes per server on one port (SO_REUSEPORT)
     python bench/authorize.py --matrix            # the three above, in one run
@@ -28,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,13 +50,15 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import servers as servers_module
 from common import (
     ADMIN_TOKEN,
     Server,
+    Stores,
     bench_stores,
     cpu_seconds,
     creditd_env,
@@ -57,9 +71,14 @@ CREDIT = 1_000_000
 FUNDS = 10**13  # micros on every wallet: 10 million one-credit slices
 
 
+TARGETS = ("bare", "naive-redis", "plain-postgres", "creditd")
+AGENCY = "bench"
+
+
 @dataclass
 class Result:
     target: str
+    round: int
     loop: str
     procs: int
     concurrency: int
@@ -231,21 +250,45 @@ def _py_spy(pid: int, seconds: float, out: str) -> subprocess.Popen[bytes] | Non
     )
 
 
-def measure(target: str, args: argparse.Namespace, loop: str, procs: int) -> Result:
+def _start_servers(
+    target: str, stores: Stores | None, args: argparse.Namespace, listen: str, flags: list[str], procs: int
+) -> list[Server]:
+    """The server processes of one measurement, their wallets funded."""
+    clients = [f"bench-c{i}" for i in range(args.clients)]
+    if target == "creditd":
+        assert stores is not None
+        env = creditd_env(stores, listen)
+        servers = [Server(["creditd", *flags], env) for _ in range(procs)]
+        asyncio.run(_setup_creditd(listen, args.clients))
+        return servers
+    peer = [target, "--listen", listen, "--agency", AGENCY, *flags]
+    if target == "naive-redis":
+        assert stores is not None
+        servers_module.prepare_naive_redis(stores.redis_url, stores.prefix, AGENCY, clients, FUNDS)
+        peer += ["--redis-url", stores.redis_url, "--prefix", stores.prefix]
+    elif target == "plain-postgres":
+        assert stores is not None
+        servers_module.prepare_plain_postgres(stores.conninfo, AGENCY, clients, FUNDS)
+        peer += ["--database", stores.conninfo, "--pool", str(args.pg_pool)]
+    return [Server(peer) for _ in range(procs)]
+
+
+def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_number: int) -> Result:
     port = free_port()
     listen = f"127.0.0.1:{port}"
     flags = ["--uvloop"] if loop == "uvloop" else []
     if procs > 1:
         flags.append("--reuseport")
     servers: list[Server] = []
-    with bench_stores() as stores:
+    databases: dict[str, Literal["creditd", "empty", "none"]] = {
+        "naive-redis": "none",
+        "plain-postgres": "empty",
+        "creditd": "creditd",
+    }
+    keeps_state = target in databases
+    with bench_stores(databases[target]) if keeps_state else contextlib.nullcontext() as stores:
         try:
-            if target == "bare":
-                servers = [Server(["bare", "--listen", listen, *flags]) for _ in range(procs)]
-            else:
-                env = creditd_env(stores, listen)
-                servers = [Server(["creditd", *flags], env) for _ in range(procs)]
-                asyncio.run(_setup_creditd(listen, args.clients))
+            servers = _start_servers(target, stores, args, listen, flags, procs)
             command = [
                 sys.executable,
                 str(Path(__file__).resolve()),
@@ -263,7 +306,7 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int) -> Res
                 "--warmup",
                 str(args.warmup),
             ]
-            if target == "creditd":
+            if target != "bare":
                 command.append("--count-denied")
             if args.loadgen_uvloop:
                 command.append("--uvloop")
@@ -290,6 +333,7 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int) -> Res
             elapsed = cpu["measured_at"] - cpu["measuring_at"]
             return Result(
                 target=target,
+                round=round_number,
                 loop=loop,
                 procs=procs,
                 concurrency=args.concurrency,
@@ -312,14 +356,67 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int) -> Res
                 server.kill()
 
 
+HEADER = (
+    f"{'server':<14} {'round':>5} {'loop':<8} {'procs':>5} {'conc':>5} {'chan':>4} {'calls':>8} {'calls/s':>9}"
+    f" {'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>7} {'load cpu':>8} {'errors':>6} {'denied':>6}"
+)
+
+
 def _line(result: Result) -> str:
     errors = sum(result.errors.values())
     return (
-        f"{result.target:<8} {result.loop:<8} {result.procs:>5} {result.concurrency:>5} {result.channels:>4}"
-        f" {result.calls:>8} {result.rps:>9.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
+        f"{result.target:<14} {result.round:>5} {result.loop:<8} {result.procs:>5} {result.concurrency:>5}"
+        f" {result.channels:>4} {result.calls:>8} {result.rps:>9.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f}"
         f" {result.server_cores:>7.2f} {result.loadgen_cores:>8.2f} {errors:>6} {result.denied:>6}"
         + (f"  per process {result.cores_per_process}" if result.procs > 1 else "")
     )
+
+
+def _spread(values: list[float], digits: int = 0, unit: str = "") -> str:
+    """The median of the rounds, with their range when there are several."""
+    text = f"{statistics.median(values):,.{digits}f}{unit}"
+    if len(values) > 1:
+        text += f" ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+    return text
+
+
+# creditd against its peers (SPEC §8): (what, peer, compared figure, at least / at most, target)
+TARGET_CHECKS = (
+    ("throughput vs bare", "bare", "rps", ">=", 0.8),
+    ("throughput vs naive Redis", "naive-redis", "rps", ">=", 1.2),
+    ("throughput vs plain Postgres", "plain-postgres", "rps", ">=", 2.0),
+    ("p99 latency vs bare's p99", "bare", "p99_ms", "<=", 2.0),
+)
+
+
+def summarize(results: list[Result], loop: str, procs: int) -> list[str]:
+    """Per server, the median over the rounds; then creditd's ratios to each peer (the
+    median of the rounds' ratios, each round's servers having run back to back)."""
+    lines = [f"summary ({loop} x{procs}, median of {max(r.round for r in results)} rounds, range in brackets):"]
+    lines.append(f"  {'server':<14} {'calls/s':>22} {'p50 ms':>20} {'p99 ms':>20} {'srv cpu':>16}")
+    by_target = {t: [r for r in results if r.target == t] for t in TARGETS}
+    for target, rows in by_target.items():
+        if rows:
+            lines.append(
+                f"  {target:<14} {_spread([r.rps for r in rows]):>22} {_spread([r.p50_ms for r in rows], 1):>20}"
+                f" {_spread([r.p99_ms for r in rows], 1):>20} {_spread([r.server_cores for r in rows], 2):>16}"
+            )
+    lines.append("creditd against SPEC §8's targets:")
+    creditd = {r.round: r for r in by_target["creditd"]}
+    for what, peer, figure, sense, goal in TARGET_CHECKS:
+        ratios = [
+            getattr(creditd[r.round], figure) / getattr(r, figure)
+            for r in by_target[peer]
+            if r.round in creditd and getattr(r, figure) > 0
+        ]
+        label = f"{what} {sense} {goal:g}x:"
+        if not ratios:
+            lines.append(f"  {label:<38} not measured")
+            continue
+        ratio = statistics.median(ratios)
+        met = ratio >= goal if sense == ">=" else ratio <= goal
+        lines.append(f"  {label:<38} {_spread(ratios, 2, 'x')}  {'met' if met else 'NOT MET'}")
+    return lines
 
 
 def main() -> None:
@@ -327,11 +424,13 @@ def main() -> None:
         load_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server and round")
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (asyncio tasks)")
+    parser.add_argument("--rounds", type=int, default=3, help="times the four servers are measured, alternated")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight (asyncio clients)")
     parser.add_argument("--channels", type=int, default=4, help="channels (HTTP/2 connections) they share")
-    parser.add_argument("--clients", type=int, default=8, help="creditd client accounts the calls spread over")
+    parser.add_argument("--clients", type=int, default=8, help="client accounts the calls spread over")
+    parser.add_argument("--pg-pool", type=int, default=16, help="plain-postgres: its connections")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the servers' event loop")
     parser.add_argument("--procs", type=int, default=1, help="server processes on one port (SO_REUSEPORT)")
     parser.add_argument("--matrix", action="store_true", help="asyncio x1, uvloop x1 and uvloop x2 in one run")
@@ -343,22 +442,25 @@ def main() -> None:
     configs = [("asyncio", 1), ("uvloop", 1), ("uvloop", 2)] if args.matrix else [(args.loop, args.procs)]
     print(f"machine: {machine()}")
     print(
-        f"load: {args.concurrency} concurrent clients over {args.channels} channels, "
-        f"{args.warmup:g}s warm-up, {args.duration:g}s measured, fresh session_id per call"
-    )
-    print(
-        f"{'target':<8} {'loop':<8} {'procs':>5} {'conc':>5} {'chan':>4} {'calls':>8} {'calls/s':>9}"
-        f" {'p50 ms':>8} {'p99 ms':>8} {'srv cpu':>7} {'load cpu':>8} {'errors':>6} {'denied':>6}"
+        f"load: {args.concurrency} calls in flight over {args.channels} channels, {args.warmup:g}s warm-up,"
+        f" {args.duration:g}s measured per server, {args.rounds} rounds alternated, fresh session_id per call"
     )
     results: list[Result] = []
+    summaries: list[str] = []
     for loop, procs in configs:
-        bare = measure("bare", args, loop, procs)
-        print(_line(bare), flush=True)
-        creditd = measure("creditd", args, loop, procs)
-        print(_line(creditd), flush=True)
-        ratio = creditd.rps / bare.rps if bare.rps else float("nan")
-        print(f"ratio creditd/bare ({loop} x{procs}): {ratio:.2f} (SPEC target >= 0.8)", flush=True)
-        results += [bare, creditd]
+        print(HEADER)
+        measured: list[Result] = []
+        for round_number in range(1, args.rounds + 1):
+            for target in TARGETS:
+                result = measure(target, args, loop, procs, round_number)
+                print(_line(result), flush=True)
+                measured.append(result)
+        summary = summarize(measured, loop, procs)
+        print("\n".join(summary), flush=True)
+        summaries += summary
+        results += measured
+    if len(configs) > 1:  # all summaries again, together
+        print("\n".join(summaries))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
 

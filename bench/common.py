@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 import redis
@@ -47,27 +48,36 @@ def postgres_url(database: str) -> str:
 @dataclass
 class Stores:
     database: str
-    database_url: str
+    database_url: str  # SQLAlchemy's form, as CREDITD_DATABASE_URL takes it
     redis_url: str
     prefix: str
 
+    @property
+    def conninfo(self) -> str:
+        """The database's URL as libpq (psycopg) takes it."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
 
 @contextlib.contextmanager
-def bench_stores() -> Iterator[Stores]:
-    """A new migrated Postgres database and a new Redis key prefix, removed afterwards."""
+def bench_stores(database: Literal["creditd", "empty", "none"] = "creditd") -> Iterator[Stores]:
+    """A new Redis key prefix and a new Postgres database (with creditd's schema, empty, or
+    none at all: then `database` is ""), both removed afterwards."""
     from creditd.db.migrate import upgrade
 
-    name = f"creditd_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    name = f"creditd_bench_{uuid.uuid4().hex[:10]}" if database != "none" else ""
+    if name:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     prefix = f"creditd-bench-{uuid.uuid4().hex[:10]}:"
     try:
-        url = postgres_url(name)
-        upgrade(url)
+        url = postgres_url(name) if name else ""
+        if database == "creditd":
+            upgrade(url)
         yield Stores(name, url, REDIS_URL, prefix)
     finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if name:
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         client = redis.Redis.from_url(REDIS_URL)
         try:
             keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
@@ -163,3 +173,22 @@ def machine() -> str:
         f"{os.cpu_count()} cores ({model}), {memory} GiB, Linux {platform.release()}, "
         f"Python {platform.python_version()}, grpcio {grpc.__version__}"
     )
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def scrape(address: str) -> list[Sample]:
+    """Every sample on a Prometheus endpoint (host:port), as (name, labels, value)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def sample_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels` (0 if none)."""
+    return sum(value for n, have, value in samples if n == name and labels.items() <= have.items())

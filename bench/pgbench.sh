@@ -17,24 +17,10 @@ DB="creditd_pgbench_$$"
 
 createdb "$DB"
 trap 'dropdb --if-exists --force "$DB" >/dev/null 2>&1 || true' EXIT
+psql -q -v ON_ERROR_STOP=1 -d "$DB" -f plain_postgres.sql
 psql -q -v ON_ERROR_STOP=1 -d "$DB" <<SQL
-CREATE TABLE wallets (
-  account_id bigint PRIMARY KEY,
-  free_micros bigint NOT NULL CHECK (free_micros >= 0),
-  purchased_micros bigint NOT NULL CHECK (purchased_micros >= 0)
-);
-CREATE TABLE ledger (
-  seq bigserial PRIMARY KEY,
-  account_id bigint NOT NULL,
-  session_id bigint NOT NULL,
-  amount_micros bigint NOT NULL,
-  free_micros bigint NOT NULL,
-  purchased_micros bigint NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX ON ledger (account_id, seq);
-INSERT INTO wallets SELECT g, 300000000, 1000000000000 FROM generate_series(1, $CLIENTS) g;
-INSERT INTO wallets SELECT 1000000 + g, 300000000, 100000000000000 FROM generate_series(0, $CLIENTS / 100 - 1) g;
+INSERT INTO wallets SELECT g::text, 300000000, 1000000000000 FROM generate_series(1, $CLIENTS) g;
+INSERT INTO wallets SELECT (1000000 + g)::text, 300000000, 100000000000000 FROM generate_series(0, $CLIENTS / 100 - 1) g;
 VACUUM ANALYZE;
 SQL
 

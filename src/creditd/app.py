@@ -150,6 +150,7 @@ class App:
     async def start(self) -> None:
         settings = self.settings
         self.telemetry.start()
+        self.telemetry.stalls.start()
         if is_sqlite(settings.database_url):
             await migrate(settings.database_url)
         self.db = Database(settings.database_url)
@@ -286,5 +287,6 @@ class App:
         await _bounded("hot store", self.ctx.store.close())
         await _bounded("bus", self.ctx.bus.close())
         await _bounded("database", self.db.close())
+        self.telemetry.stalls.stop()
         # flushes OTLP: never block the loop on it
         await _bounded("telemetry", asyncio.to_thread(self.telemetry.shutdown))

@@ -22,6 +22,7 @@ the hot store operations and the database writes. Metrics, as named for Promethe
 - `creditd_store_duration_seconds{store, op, outcome}`: the hot store (embedded, redis)
   and the database (sqlite, postgresql)
 - `creditd_ready`, `creditd_store_up{store}`
+- event-loop lateness and garbage-collection pauses: see creditd.stalls
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from creditd import __version__, logs
 from creditd.api.errors import MalformedRequest, abort
 from creditd.config import Settings, host_port
 from creditd.domain.records import DenyReason
+from creditd.stalls import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,7 @@ class Telemetry:
         meter.create_observable_gauge(
             "creditd.store.up", callbacks=[self._observe_stores], description="1 while a store answers"
         )
+        self.stalls = StallWatch(meter)  # started by the app, on its event loop
         self._live: Callable[[], Iterable[tuple[str, int]]] | None = None
         self._lag: Callable[[], float] | None = None
         self._status: Any = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
+from creditd.stalls import HEARTBEAT_SECONDS
 from tests.conftest import CREDIT, Api, ServerFactory
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
@@ -222,3 +225,53 @@ async def test_authorize_answers_count_by_reason_also_for_errors(make_server: Se
             )
         samples = await asyncio.to_thread(_scrape, running.app.metrics_address)
     assert _find(samples, "creditd_authorizations_total", outcome="error", reason="invalid_argument") == [1.0]
+
+
+async def _scraped(address: str, name: str, at_least: float, **labels: str) -> float:
+    """Scrape until the sample `name{labels}` reaches `at_least` (the heartbeat records on its
+    next tick); returns its value, or fails after a generous deadline."""
+    deadline = asyncio.get_running_loop().time() + 10
+    value = float("-inf")
+    while asyncio.get_running_loop().time() < deadline:
+        found = _find(await asyncio.to_thread(_scrape, address), name, **labels)
+        value = max(found, default=float("-inf"))
+        if value >= at_least:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}{labels} is {value}, never reached {at_least}")
+
+
+def _late_ticks(samples: list[Sample]) -> tuple[float, float]:
+    """Heartbeat ticks recorded so far: all of them, and those more than 50 ms late."""
+    total = _find(samples, "creditd_event_loop_lateness_seconds_bucket", le="+Inf")[0]
+    return total, total - _find(samples, "creditd_event_loop_lateness_seconds_bucket", le="0.05")[0]
+
+
+async def test_a_blocked_event_loop_shows_as_heartbeat_lateness(make_server: ServerFactory) -> None:
+    async with make_server(metrics_listen="127.0.0.1:0") as running:
+        address = running.app.metrics_address
+        await _scraped(address, "creditd_event_loop_lateness_seconds_count", 1)
+        ticks, late_ticks = _late_ticks(await asyncio.to_thread(_scrape, address))
+        time.sleep(0.1)  # noqa: ASYNC251 - the stall under test: the server runs on this loop
+        # A stall of 100 ms makes the next tick at least 100 ms minus one heartbeat late.
+        await _scraped(address, "creditd_event_loop_lateness_max_seconds", 0.1 - HEARTBEAT_SECONDS)
+        now_ticks, now_late_ticks = _late_ticks(await asyncio.to_thread(_scrape, address))
+        assert now_ticks > ticks
+        assert now_late_ticks >= late_ticks + 1  # and that tick is in the histogram
+
+
+async def test_garbage_collections_are_timed_by_generation(make_server: ServerFactory) -> None:
+    async with make_server(metrics_listen="127.0.0.1:0") as running:
+        address = running.app.metrics_address
+        before = _find(await asyncio.to_thread(_scrape, address), "creditd_gc_pause_seconds_count", generation="2")
+        collections = _find(await asyncio.to_thread(_scrape, address), "creditd_gc_collections_total", generation="2")
+        garbage = [[i] for i in range(200_000)]  # something for the collection to walk
+        gc.collect()
+        del garbage
+        await _scraped(address, "creditd_gc_pause_seconds_count", sum(before) + 1, generation="2")
+        samples = await asyncio.to_thread(_scrape, address)
+        assert _find(samples, "creditd_gc_pause_seconds_sum", generation="2")[0] > 0
+        assert _find(samples, "creditd_gc_pause_max_seconds", generation="2")[0] > 0
+        assert _find(samples, "creditd_gc_collections_total", generation="2")[0] >= collections[0] + 1
+        watch = running.app.telemetry.stalls
+    assert watch._on_gc not in gc.callbacks  # a stopped server leaves no GC callback behind

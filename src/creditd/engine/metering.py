@@ -409,7 +409,7 @@ class UsageStream:
     async def cut(self, reason: DenyReason, message_id: str = "") -> None:
         if self.finished or self.sms is None:
             return
-        self.finished = True
+        self.finished = True  # one cut, even if another comes while its event is written
         event = EventRecord(
             event_id=new_id(),
             account_id=self.sms.client_id,
