@@ -37,13 +37,13 @@ from creditd.db import Database
 from creditd.db.migrate import upgrade
 from creditd.domain.records import DenyReason
 from creditd.engine.accounts import Accounts
-from creditd.engine.bus import LocalBus
 from creditd.engine.context import Context
 from creditd.engine.durability import Flusher, rebuild
 from creditd.engine.health import Monitor
 from creditd.engine.ledger import Ledger
 from creditd.engine.metering import Metering
 from creditd.store.base import HotStore
+from creditd.store.bus import LocalBus
 from creditd.store.embedded import RETENTION_SECONDS, EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus

@@ -15,7 +15,7 @@ import logging
 
 import redis.asyncio as aioredis
 
-from creditd.engine.bus import LocalBus
+from creditd.store.bus import LocalBus
 
 log = logging.getLogger(__name__)
 MAX_QUEUED = 10_000
