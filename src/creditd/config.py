@@ -28,6 +28,7 @@ class Settings:
     database_url: str = field(default_factory=default_database_url)
     redis_url: str = ""  # empty: the embedded hot store
     redis_prefix: str = "creditd:"  # of every key; replicas sharing balances share it
+    redis_mode: str = "auto"  # auto (ask the node), standalone or cluster
     admin_token: str = ""  # empty: a new random one each start, printed
     # Sessions
     slice_seconds: int = 60
@@ -82,6 +83,8 @@ class Settings:
             host_port(self.metrics_listen, "CREDITD_METRICS_LISTEN")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("CREDITD_LOG_LEVEL must be debug, info, warning, error or critical")
+        if self.redis_mode not in ("auto", "standalone", "cluster"):
+            raise ValueError("CREDITD_REDIS_MODE must be auto, standalone or cluster")
         if self.log_format not in ("json", "text"):
             raise ValueError("CREDITD_LOG_FORMAT must be json or text")
 
@@ -99,6 +102,7 @@ _ENV = {
     "database_url": ("CREDITD_DATABASE_URL", str),
     "redis_url": ("CREDITD_REDIS_URL", str),
     "redis_prefix": ("CREDITD_REDIS_PREFIX", str),
+    "redis_mode": ("CREDITD_REDIS_MODE", str),
     "admin_token": ("CREDITD_ADMIN_TOKEN", str),
     "slice_seconds": ("CREDITD_SLICE_SECONDS", int),
     "renewal_lead_seconds": ("CREDITD_RENEWAL_LEAD_SECONDS", float),
