@@ -1,0 +1,207 @@
+"""A Redis Cluster of our own on loopback: 3 primaries and 3 replicas, real redis-server
+processes (SPEC §9), without persistence, so that a node restarted is a node that lost
+everything it held.
+
+`LocalRedisCluster.start` creates it with `redis-cli --cluster create` and returns once
+every node says cluster_state:ok and every replica is in sync with its primary.
+`kill_primary` is a crash (SIGKILL) followed by the failover the cluster does by itself;
+`restart` brings a killed node back, empty, under its old identity (nodes-<port>.conf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.crash.procs import wait_for
+
+NODE_TIMEOUT_MS = 1500  # how long a primary may be silent before its replica takes over
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (each one held until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+@dataclass
+class Node:
+    port: int
+    bus_port: int
+    dir: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--cluster-port",
+                str(self.bus_port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.dir / f"nodes-{self.port}.conf"),
+                "--cluster-node-timeout",
+                str(NODE_TIMEOUT_MS),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--logfile",
+                str(self.dir / f"redis-{self.port}.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        log = self.dir / f"redis-{self.port}.log"
+        with self.client() as client:
+            try:
+                wait_for(client.ping, 10, f"redis-server on port {self.port}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{log.read_text() if log.exists() else ''}") from None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True, socket_connect_timeout=0.5, socket_timeout=2)
+
+    def info(self, section: str) -> dict[str, Any]:
+        with self.client() as client:
+            return dict(client.info(section))
+
+    def cluster_info(self) -> dict[str, Any]:
+        with self.client() as client:
+            return dict(client.execute_command("CLUSTER INFO"))
+
+    def is_primary(self) -> bool:
+        return self.info("replication").get("role") == "master"
+
+
+class LocalRedisCluster:
+    def __init__(self, primaries: int = 3, replicas_per_primary: int = 1) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="creditd-redis-cluster-"))
+        self.replicas_per_primary = replicas_per_primary
+        ports = free_ports(2 * primaries * (1 + replicas_per_primary))
+        self.nodes = [Node(port, bus_port, self.dir) for port, bus_port in zip(ports[::2], ports[1::2], strict=True)]
+
+    @property
+    def url(self) -> str:
+        """A URL naming one live node: a cluster client finds the others from it."""
+        node = next(node for node in self.nodes if node.alive)
+        return f"redis://{node.address}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(node.address for node in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas_per_primary),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_healthy()
+
+    def live(self) -> list[Node]:
+        return [node for node in self.nodes if node.alive]
+
+    def primaries(self) -> list[Node]:
+        return [node for node in self.live() if node.is_primary()]
+
+    def replicas_of(self, primary: Node) -> list[Node]:
+        replication = primary.info("replication")
+        ports = {int(replica["port"]) for name, replica in replication.items() if name.startswith("slave")}
+        return [node for node in self.live() if node.port in ports]
+
+    def primary_for(self, key: str) -> Node:
+        """The node serving `key`'s slot now."""
+        with self.live()[0].client() as client:
+            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER SLOTS")
+        for start, end, owner, *_ in ranges:
+            if int(start) <= slot <= int(end):
+                return next(node for node in self.nodes if node.port == int(owner[1]))
+        raise AssertionError(f"slot {slot} of {key!r} is not served")
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        """Every live node sees the whole cluster ok, and every live replica is in sync."""
+
+        def healthy() -> bool:
+            for node in self.live():
+                if node.cluster_info().get("cluster_state") != "ok":
+                    return False
+                replication = node.info("replication")
+                if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
+                    return False
+            return True
+
+        wait_for(healthy, timeout, "the Redis Cluster to be ok with every replica in sync", interval=0.1)
+
+    def kill_primary(self, primary: Node, timeout: float = 30) -> Node:
+        """SIGKILL a primary; returns the replica promoted in its place, once the cluster is ok."""
+        replicas = self.replicas_of(primary)
+        assert replicas, f"{primary.address} has no replica to take over"
+        primary.kill()
+        wait_for(lambda: any(r.is_primary() for r in replicas), timeout, f"a replica of {primary.address} to take over")
+        self.wait_healthy(timeout)
+        return next(r for r in replicas if r.is_primary())
+
+    def restart(self, node: Node, timeout: float = 30) -> None:
+        """Start a killed node again with its cluster identity and none of its data."""
+        node.kill()
+        node.start()
+        self.wait_healthy(timeout)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.dir)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[LocalRedisCluster]:
+    cluster = LocalRedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
