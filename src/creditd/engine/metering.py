@@ -421,7 +421,7 @@ class UsageStream:
         if message_id:
             self.sms.denied += 1
             self.out.put_nowait(SmsResultMsg(message_id, False, int(reason), 0))
-        self._finish(CutoffMsg(int(reason), 0))
+        self.finished = True  # no second cut while the event is recorded
         event = EventRecord(
             event_id=new_id(),
             account_id=self.sms.client_id,
@@ -434,6 +434,9 @@ class UsageStream:
         )
         with contextlib.suppress(CreditdError):  # the stream is cut either way
             await self.ctx.store.append_records(self.sms.agency_id, [event])
+        # Only then the caller hears of it: the cutoff ends the stream, whose task is then
+        # cancelled, and an append still waiting on Redis was cancelled with it (event lost).
+        self._finish(CutoffMsg(int(reason), 0))
 
     async def _end(self, end: End) -> None:
         _require_seconds(end.seconds_used)
