@@ -180,7 +180,11 @@ class LocalRedisCluster:
         replicas = self.replicas_of(primary)
         assert replicas, f"{primary.address} has no replica to take over"
         primary.kill()
-        wait_for(lambda: any(r.is_primary() for r in replicas), timeout, f"a replica of {primary.address} to take over")
+        return self.wait_promoted(replicas, timeout)
+
+    def wait_promoted(self, replicas: list[Node], timeout: float = 30) -> Node:
+        """Wait until one of `replicas` (of a primary that died) is primary and the cluster is ok."""
+        wait_for(lambda: any(r.is_primary() for r in replicas), timeout, "a replica to take over")
         self.wait_healthy(timeout)
         return next(r for r in replicas if r.is_primary())
 
