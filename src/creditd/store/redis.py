@@ -464,17 +464,24 @@ class RedisHotStore(HotStore):
         seen = dict(self._dirty)
         agencies = set(seen)
         sweep = time.monotonic() >= self._next_sweep
+        # A shard that does not answer (the registry's, or an outbox's) keeps its records
+        # for a later call while the others drain; only when nothing answered is it an error.
+        failed: list[Exception] = []
+        swept = False
         if sweep:
-            with redis_errors():
-                agencies |= cast(set[str], await self._redis.smembers(self._registry))
+            try:
+                with redis_errors():
+                    agencies |= cast(set[str], await self._redis.smembers(self._registry))
+                swept = True
+            except StoreUnavailable as exc:
+                failed.append(exc)
         ordered = sorted(agencies)
         keys = [self._outbox_key(agency_id) for agency_id in ordered]
         streams = await pipelined(self._redis, [Routed(key, ("XRANGE", key, "-", "+", "COUNT", limit)) for key in keys])
-        # A shard that does not answer keeps its records for a later call; the others drain.
-        failed = [reply for reply in streams if isinstance(reply, Exception)]
-        if failed and len(failed) == len(streams):
+        failed += [reply for reply in streams if isinstance(reply, Exception)]
+        if failed and len(failed) == len(streams) + sweep:
             raise failed[0]
-        if sweep:
+        if swept:
             self._next_sweep = time.monotonic() + self._sweep_interval
         found: list[tuple[int, int, str, str, str]] = []
         for agency_id, entries in zip(ordered, streams, strict=True):

@@ -107,7 +107,9 @@ class RedisBus(LocalBus):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("bus subscription to %s lost, subscribing again: %s", channel, exc)
+                # once per outage: it is tried again every RESUBSCRIBE_SECONDS until it works
+                level = logging.WARNING if channel in self._subscribed else logging.DEBUG
+                log.log(level, "bus subscription to %s lost, subscribing again: %s", channel, exc)
             self._subscribed.discard(channel)
             moved = True
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
