@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +25,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from creditd.domain.records import BalanceType, EventRecord, EventType, Record, new_id
 from creditd.errors import StoreUnavailable
+from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus
 from creditd.store.redis_client import ScriptCall, connect, ping_all, run_scripts
 from tests import services
@@ -115,6 +118,35 @@ async def test_a_dead_primary_fails_only_its_commands_and_the_client_follows_the
             assert dict(zip(everywhere, values, strict=True)) == applied
     finally:
         await client.aclose()
+        services.delete_redis_keys(prefix, cluster.url, cluster=True)
+
+
+async def test_the_outbox_drains_from_the_shards_that_answer(cluster: LocalRedisCluster) -> None:
+    prefix = services.new_redis_prefix()
+    store = RedisHotStore(cluster.url, prefix, cluster=True)
+    agencies = [agency for names in spread(cluster, prefix, 3).values() for agency in names]
+    written: dict[str, str] = {}  # event id -> agency
+    for agency in agencies:
+        record = EventRecord(new_id(), agency, EventType.CUTOFF, BalanceType.VOICE, 0.0, session_id=agency)
+        await store.append_records(agency, [record])
+        written[record.event_id] = agency
+    victim = cluster.primary_for(store._registry)  # the registry of agencies is away too
+    on_victim = {a for a in agencies if cluster.primary_for(store._outbox_key(a)).port == victim.port}
+    try:
+        async with killed(cluster, victim, wait=False):
+            taken = await store.take_records(1000)
+            assert {written[r.event_id] for _, r in taken if isinstance(r, EventRecord)} == set(agencies) - on_victim
+            await store.ack_records([outbox_id for outbox_id, _ in taken])
+            deadline = time.monotonic() + 20
+            rest: list[tuple[str, Record]] = []
+            while not rest:  # once the replica is promoted
+                assert time.monotonic() < deadline, "the failed-over shard's outbox was never drained"
+                with contextlib.suppress(StoreUnavailable):
+                    rest = await store.take_records(1000)
+                await asyncio.sleep(0.1)
+            assert {written[r.event_id] for _, r in rest if isinstance(r, EventRecord)} == on_victim
+    finally:
+        await store.close()
         services.delete_redis_keys(prefix, cluster.url, cluster=True)
 
 
@@ -209,6 +241,7 @@ async def test_creditd_under_traffic_through_a_failover(
             await asyncio.sleep(2.0)
 
             victim = next(node for node in cluster.primaries() if node.port == next(iter(shards)))
+            killed_at = time.monotonic()
             async with killed(cluster, victim):
                 failed_over = time.monotonic()
                 # the victim shard's agencies are served again: short calls complete after it
@@ -255,11 +288,14 @@ async def test_creditd_under_traffic_through_a_failover(
         while (result := reconcile(env)).returncode != 0:
             assert time.monotonic() < deadline, result.stdout + result.stderr
         assert " 0 differences" in result.stdout, result.stdout
-        spent = [call for call in live if call.final is not None and call.final.WhichOneof("msg") == "cutoff"]
+        around = {name: [t for t in calls.completed if t > killed_at - 1] for name, calls in short.items()}
+        gaps = {name: max(b - a for a, b in itertools.pairwise(times)) for name, times in around.items()}
         print(
-            f"\nfailover under traffic: {sum(len(s.completed) for s in short.values())} short calls,"
-            f" {sum(len(t.acked) for t in topups.values())} top-ups acknowledged,"
-            f" {len(spent)} of {len(live)} live calls cut"
+            f"\nfailover under traffic: cluster ok {failed_over - killed_at:.1f}s after the kill; longest pause"
+            f" between short calls {max(gaps[a] for a in shards[victim.port]):.1f}s on the failed shard,"
+            f" {max(g for a, g in gaps.items() if a not in shards[victim.port]):.1f}s on the others;"
+            f" {sum(len(s.completed) for s in short.values())}"
+            f" short calls, {sum(len(t.acked) for t in topups.values())} top-ups acknowledged"
         )
     finally:
         server.kill()
