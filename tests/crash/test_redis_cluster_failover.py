@@ -96,7 +96,10 @@ async def test_a_dead_primary_fails_only_its_commands_and_the_client_follows_the
         victim = cluster.primary_for(everywhere[0])
         replicas = cluster.replicas_of(victim)
         async with killed(cluster, victim, wait=False):
-            # before any replica is promoted: only the dead shard's calls fail
+            with pytest.raises(StoreUnavailable):
+                await ping_all(client)
+            # before any replica is promoted: only the dead shard's calls fail, also on a client
+            # that just failed to reach it (and so has to connect again)
             replies = dict(zip(everywhere, await add(10), strict=True))
             for port, shard in keys.items():
                 for key in shard:
@@ -104,8 +107,6 @@ async def test_a_dead_primary_fails_only_its_commands_and_the_client_follows_the
                         assert isinstance(replies[key], StoreUnavailable), replies[key]
                     else:
                         assert replies[key] == applied[key], replies[key]
-            with pytest.raises(StoreUnavailable):
-                await ping_all(client)
             await asyncio.to_thread(cluster.wait_promoted, replicas)
             # the client learns the new topology from its next errors, then every call goes through
             deadline = time.monotonic() + 15

@@ -82,12 +82,8 @@ class RedisBus(LocalBus):
                 batch.add(self._outgoing.get_nowait())
             notifications = sorted(batch)
             channels = [self.channel_of(n) for n in notifications]
-            try:
-                replies = await pipelined(
-                    self._redis, [Routed(c, (command, c, n)) for c, n in zip(channels, notifications, strict=True)]
-                )
-            except Exception as exc:
-                replies = [exc] * len(notifications)
+            commands = [Routed(c, (command, c, n)) for c, n in zip(channels, notifications, strict=True)]
+            replies = await pipelined(self._redis, commands)
             failed = [n for n, reply in zip(notifications, replies, strict=True) if isinstance(reply, Exception)]
             if failed:  # Redis, or this shard, is away: deliver here at least
                 log.warning("bus publish failed: %s", next(r for r in replies if isinstance(r, Exception)))

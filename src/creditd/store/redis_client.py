@@ -115,13 +115,17 @@ async def pipelined(client: Client, commands: Sequence[Routed]) -> list[Any]:
 
     Returns, in order, each command's reply or its own exception: StoreUnavailable for
     every command of a node that could not be reached, the error Redis answered otherwise.
+    (redis-py's cluster pipeline groups by node too, but a node it cannot connect to
+    fails the whole pipeline.)
     """
     if not commands:
         return []
     groups: dict[str, list[int]] = {}
     if isinstance(client, aioredis.RedisCluster):
-        with redis_errors():
+        try:
             await client.initialize()  # learns the topology once, or again after an error
+        except UNAVAILABLE_ERRORS as exc:  # no node answers
+            return [unavailable(exc)] * len(commands)
         for i, command in enumerate(commands):
             try:
                 node = client.get_node_from_key(command.key)
@@ -153,6 +157,11 @@ async def pipelined(client: Client, commands: Sequence[Routed]) -> list[Any]:
         for n, i in enumerate(indexes):
             reply = outcome if isinstance(outcome, Exception) else outcome[n]
             replies[i] = unavailable(reply) if isinstance(reply, UNAVAILABLE_ERRORS) else reply
+    if isinstance(client, aioredis.RedisCluster) and any(isinstance(r, StoreUnavailable) for r in replies):
+        # A cluster pipeline that cannot reach a node does not make the client learn the
+        # topology again (single commands do): ask now, so a promoted replica is found.
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+            await client.nodes_manager.initialize()
     return replies
 
 
