@@ -11,19 +11,14 @@ every node says cluster_state:ok and every replica is in sync with its primary.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.crash.procs import wait_for
+from tests.crash.procs import RedisServer, wait_for
 
 NODE_TIMEOUT_MS = 1500  # how long a primary may be silent before its replica takes over
 
@@ -37,12 +32,21 @@ def free_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in sockets]
 
 
-@dataclass
-class Node:
-    port: int
-    bus_port: int
-    dir: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+class Node(RedisServer):
+    """A redis-server that is a cluster node; its cluster identity survives a restart."""
+
+    def __init__(self, port: int, bus_port: int) -> None:
+        super().__init__(port)
+        self.options = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            str(bus_port),
+            "--cluster-config-file",
+            str(self.dir / f"nodes-{port}.conf"),
+            "--cluster-node-timeout",
+            str(NODE_TIMEOUT_MS),
+        ]
 
     @property
     def address(self) -> str:
@@ -51,47 +55,6 @@ class Node:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--cluster-port",
-                str(self.bus_port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(self.dir / f"nodes-{self.port}.conf"),
-                "--cluster-node-timeout",
-                str(NODE_TIMEOUT_MS),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--logfile",
-                str(self.dir / f"redis-{self.port}.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        log = self.dir / f"redis-{self.port}.log"
-        with self.client() as client:
-            try:
-                wait_for(client.ping, 10, f"redis-server on port {self.port}")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{log.read_text() if log.exists() else ''}") from None
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True, socket_connect_timeout=0.5, socket_timeout=2)
@@ -110,10 +73,9 @@ class Node:
 
 class LocalRedisCluster:
     def __init__(self, primaries: int = 3, replicas_per_primary: int = 1) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="creditd-redis-cluster-"))
         self.replicas_per_primary = replicas_per_primary
         ports = free_ports(2 * primaries * (1 + replicas_per_primary))
-        self.nodes = [Node(port, bus_port, self.dir) for port, bus_port in zip(ports[::2], ports[1::2], strict=True)]
+        self.nodes = [Node(port, bus_port) for port, bus_port in zip(ports[::2], ports[1::2], strict=True)]
 
     @property
     def url(self) -> str:
@@ -196,9 +158,7 @@ class LocalRedisCluster:
 
     def close(self) -> None:
         for node in self.nodes:
-            node.kill()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.dir)
+            node.close()
 
 
 @contextlib.contextmanager
