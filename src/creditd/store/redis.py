@@ -54,9 +54,11 @@ Differences from the embedded store, all deliberate:
 Numbers: amounts are decimal integer strings in Redis; the scripts compute with Lua's
 doubles, exactly while every amount and result stays below 2**53 (see _lib.lua).
 
-Connection errors and timeouts raise StoreUnavailable. redis-py does not retry commands
-(a retried script after a lost reply could apply twice); a timeout leaves the outcome of
-that one call unknown, which settle, debit_sms and apply_topup absorb by being idempotent.
+The same code runs on one Redis or on a Redis Cluster (creditd.store.redis_client makes
+the client and pipelines per node). Connection errors and timeouts raise StoreUnavailable.
+redis-py does not retry commands (a retried script after a lost reply could apply twice);
+a timeout leaves the outcome of that one call unknown, which settle, debit_sms and
+apply_topup absorb by being idempotent.
 """
 
 from __future__ import annotations
@@ -98,7 +100,16 @@ from creditd.store.base import (
     SmsDebitRequest,
     SmsDebitResult,
 )
-from creditd.store.redis_client import Routed, ScriptCall, connect, ping_all, pipelined, redis_errors, run_scripts
+from creditd.store.redis_client import (
+    Routed,
+    ScriptCall,
+    close,
+    connect,
+    ping_all,
+    pipelined,
+    redis_errors,
+    run_scripts,
+)
 
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
 DEFAULT_PREFIX = "creditd:"
@@ -571,7 +582,7 @@ class RedisHotStore(HotStore):
         return await run_scripts(self._redis, [ScriptCall(scripts[name], keys, args) for name, keys, args in calls])
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await close(self._redis)
 
 
 # -- encoding ------------------------------------------------------------------------------

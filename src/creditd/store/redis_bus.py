@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 
 from creditd.errors import StoreUnavailable
 from creditd.store.bus import LocalBus
-from creditd.store.redis_client import Routed, connect, pipelined
+from creditd.store.redis_client import Routed, close, connect, pipelined
 
 log = logging.getLogger(__name__)
 MAX_QUEUED = 10_000
@@ -72,7 +72,7 @@ class RedisBus(LocalBus):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._redis.aclose()
+        await close(self._redis)
 
     async def _send(self) -> None:
         command = "SPUBLISH" if self._cluster else "PUBLISH"

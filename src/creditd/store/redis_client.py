@@ -93,6 +93,13 @@ def connect(url: str, *, cluster: bool, **options: Any) -> Client:
     return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, **settings))
 
 
+async def close(client: Client) -> None:
+    if isinstance(client, aioredis.RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)  # the pool was given, so not closed by default
+
+
 async def ping_all(client: Client) -> None:
     """PING every primary; raises StoreUnavailable if one does not answer."""
     with redis_errors():
