@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from common import REDIS_URL, ROOT
 
-from creditd.store.redis_client import Client, ScriptCall, connect, run_scripts
+from creditd.store.redis_client import Client, ScriptCall, close, connect, run_scripts
 
 TINY = "return redis.call('INCR', KEYS[1])"
 BATCHES = (1, 16, 64, 256)
@@ -72,12 +72,13 @@ async def main() -> None:
     parser.add_argument("--cluster-url", default="", help="a node of a running cluster (default: start one)")
     args = parser.parse_args()
     with cluster_url(args.cluster_url) as url:
-        for name, client in (("redis", connect(args.redis_url, cluster=False)), ("cluster", connect(url, cluster=True))):
+        for name, client_url, cluster in (("redis", args.redis_url, False), ("cluster", url, True)):
+            client = connect(client_url, cluster=cluster)
             try:
                 for case, wall, cpu in await measure(client, args.calls):
                     print(f"{name:8} {case:32} {wall:8.1f} us/call wall {cpu:8.1f} us/call cpu")
             finally:
-                await client.aclose()
+                await close(client)
 
 
 if __name__ == "__main__":
