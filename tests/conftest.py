@@ -31,6 +31,7 @@ from creditd.config import Settings
 from creditd.domain.money import MICROS_PER_CREDIT
 from creditd.engine.clock import Clock
 from tests import services
+from tests.redis_cluster import LocalRedisCluster, running_cluster
 
 ADMIN_TOKEN = "cdk_admin_0123456789abcdef"
 CREDIT = MICROS_PER_CREDIT
@@ -187,13 +188,32 @@ def postgres_template() -> Iterator[str]:
     services.drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of 3 primaries and 3 replicas shared by the session's tests; a test
+    that kills its nodes starts a cluster of its own."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+# Backends a module may opt into with pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True).
+ALL_BACKENDS = ["embedded", "redis+postgres", "redis-cluster+postgres"]
+
+
 @pytest.fixture(params=["embedded", "redis+postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Where a test server keeps its state: SQLite and in-process, or Postgres and Redis."""
+    """Where a test server keeps its state: SQLite and in-process, or Postgres and Redis
+    (one Redis, or a Redis Cluster that the server detects by itself)."""
     if request.param == "embedded":
         yield {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'creditd.db'}"}
         return
-    with services.redis_and_postgres(request.getfixturevalue("postgres_template")) as settings:
+    template = request.getfixturevalue("postgres_template")
+    if request.param == "redis-cluster+postgres":
+        url = request.getfixturevalue("redis_cluster").url
+        with services.redis_and_postgres(template, url, cluster=True) as settings:
+            yield settings
+        return
+    with services.redis_and_postgres(template) as settings:
         yield settings
 
 

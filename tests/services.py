@@ -61,24 +61,24 @@ def new_redis_prefix() -> str:
     return f"creditd-test-{uuid.uuid4().hex[:10]}:"
 
 
-def delete_redis_keys(prefix: str, url: str = REDIS_URL) -> None:
-    client = redis.Redis.from_url(url)
+def delete_redis_keys(prefix: str, url: str = REDIS_URL, cluster: bool = False) -> None:
+    client = redis.RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))  # on a cluster: every primary
         for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
+            client.delete(*keys[start : start + 500])  # a cluster client splits it by slot
     finally:
         client.close()
 
 
 @contextlib.contextmanager
-def redis_and_postgres(template: str) -> Iterator[dict[str, str]]:
-    """Server settings for a database cloned from `template` and a fresh Redis key prefix,
-    both removed afterwards."""
+def redis_and_postgres(template: str, redis_url: str = REDIS_URL, cluster: bool = False) -> Iterator[dict[str, str]]:
+    """Server settings for a database cloned from `template` and a fresh Redis key prefix
+    (on the machine's Redis, or the Redis Cluster at `redis_url`), both removed afterwards."""
     database = create_database(template)
     prefix = new_redis_prefix()
     try:
-        yield {"database_url": postgres_url(database), "redis_url": REDIS_URL, "redis_prefix": prefix}
+        yield {"database_url": postgres_url(database), "redis_url": redis_url, "redis_prefix": prefix}
     finally:
         drop_database(database)
-        delete_redis_keys(prefix)
+        delete_redis_keys(prefix, redis_url, cluster)

@@ -36,7 +36,6 @@ from creditd.db import Database
 from creditd.db.migrate import upgrade
 from creditd.domain.records import DenyReason
 from creditd.engine.accounts import Accounts
-from creditd.engine.bus import LocalBus
 from creditd.engine.clock import Clock, RealClock
 from creditd.engine.context import Context
 from creditd.engine.durability import Flusher, rebuild
@@ -44,9 +43,11 @@ from creditd.engine.health import Monitor
 from creditd.engine.ledger import Ledger
 from creditd.engine.metering import Metering
 from creditd.store.base import HotStore
+from creditd.store.bus import LocalBus
 from creditd.store.embedded import RETENTION_SECONDS, EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from creditd.store.redis_bus import RedisBus
+from creditd.store.redis_client import is_cluster
 from creditd.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,16 @@ async def migrate(url: str) -> None:
     await asyncio.to_thread(_migrate, url)
 
 
-def make_store(settings: Settings) -> tuple[HotStore, LocalBus]:
-    """The hot store and the bus: in process, or shared by every replica through Redis."""
+async def make_store(settings: Settings) -> tuple[HotStore, LocalBus]:
+    """The hot store and the bus: in process, or shared by every replica through Redis
+    (one Redis, or a Redis Cluster: asked of the node the URL names unless configured)."""
     if settings.redis_url:
+        cluster = await is_cluster(settings.redis_url, settings.redis_mode)
         return (
-            RedisHotStore(settings.redis_url, settings.redis_prefix, settled_ttl_seconds=RETENTION_SECONDS),
-            RedisBus(settings.redis_url, settings.redis_prefix),
+            RedisHotStore(
+                settings.redis_url, settings.redis_prefix, settled_ttl_seconds=RETENTION_SECONDS, cluster=cluster
+            ),
+            RedisBus(settings.redis_url, settings.redis_prefix, cluster=cluster),
         )
     return EmbeddedHotStore(), LocalBus()
 
@@ -156,7 +161,7 @@ class App:
         self.db = Database(settings.database_url)
         self.telemetry.instrument_database(self.db, make_url(settings.database_url).get_backend_name())
         await self.db.ping()
-        store, bus = make_store(settings)
+        store, bus = await make_store(settings)
         self.telemetry.instrument_store(store, "redis" if settings.redis_url else "embedded")
         self.ctx = Context(settings, store, self.db, bus, self.clock)
         await self.ctx.bus.start()

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field("", description="Redis shared by the replicas (redis://host:6379/0); unset: in-process")
     redis_prefix: str = Field("creditd:", description="prefix of every Redis key; replicas sharing balances share it")
+    redis_mode: Literal["auto", "standalone", "cluster"] = Field(
+        "auto", description="auto: ask the node --redis-url names; standalone; or cluster (Redis Cluster)"
+    )
     admin_token: str = Field("", description="bootstrap platform-admin key; unset: a new random one each start")
     # Sessions
     slice_seconds: int = Field(60, ge=1, description="seconds of talk reserved per slice")
@@ -169,7 +172,7 @@ class Settings(BaseSettings):
         description=f"what agencies pay the platform, JSON in micro-credits: {RATE_CARD_EXAMPLE}",
     )
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "redis_mode", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -14,7 +14,7 @@ async def _context(settings: Settings) -> Context:
         raise SystemExit("reconcile and rebuild work on a shared Redis: set CREDITD_REDIS_URL")
     db = Database(settings.database_url)
     await db.ping()
-    store, bus = make_store(settings)
+    store, bus = await make_store(settings)
     ctx = Context(settings, store, db, bus)
     await ctx.catalog.load()
     return ctx

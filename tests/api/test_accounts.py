@@ -7,7 +7,10 @@ import pytest
 from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2
 from google.protobuf import field_mask_pb2
 
-from tests.conftest import CREDIT, Api, error_info
+from tests.conftest import ALL_BACKENDS, CREDIT, Api, error_info
+
+# The rules hold on every backend, the Redis Cluster one included.
+pytestmark = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 
 
 async def test_unset_agency_overrides_take_platform_defaults_and_zero_is_a_real_value(api: Api) -> None:

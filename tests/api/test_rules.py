@@ -8,7 +8,10 @@ from creditd_client.v1 import account_pb2, common_pb2, ledger_pb2, metering_pb2
 from google.protobuf import field_mask_pb2
 
 from creditd.engine.clock import ManualClock
-from tests.conftest import CREDIT, Api, Running, error_info
+from tests.conftest import ALL_BACKENDS, CREDIT, Api, Running, error_info
+
+# The rules hold on every backend, the Redis Cluster one included.
+pytestmark = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 
 INBOUND = common_pb2.DIRECTION_INBOUND
 OUTBOUND = common_pb2.DIRECTION_OUTBOUND

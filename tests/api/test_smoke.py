@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import pytest
 from creditd_client.v1 import common_pb2, metering_pb2
 
-from tests.conftest import CREDIT, Api
+from tests.conftest import ALL_BACKENDS, CREDIT, Api
+
+# The rules hold on every backend, the Redis Cluster one included.
+pytestmark = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 
 
 async def test_agency_gets_300_free_credits_and_client_sees_its_plan(api: Api) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from creditd_client.v1 import common_pb2, ledger_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import CREDIT, Api
+from tests.conftest import ALL_BACKENDS, CREDIT, Api
+
+# The rules hold on every backend, the Redis Cluster one included.
+pytestmark = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 
 
 async def test_watch_balance_sends_the_current_balance_then_every_change(api: Api) -> None:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
 class RedisServer:
     """A redis-server on its own port; `kill` + `start` is a restart with its data gone."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, options: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.options = list(options)  # more redis-server options
         self.dir = Path(tempfile.mkdtemp(prefix="creditd-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -79,6 +81,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.dir),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -56,6 +56,7 @@ from creditd.store.base import (
 )
 from creditd.store.embedded import EmbeddedHotStore
 from creditd.store.redis import RedisHotStore, decode_record, encode_record
+from tests.redis_cluster import LocalRedisCluster
 from tests.services import REDIS_URL
 
 RUN = uuid.uuid4().hex[:10]
@@ -72,33 +73,36 @@ AGENCY = "ag"
 # -- stores ----------------------------------------------------------------------------------
 
 
-async def _delete_keys(pattern: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+async def _delete_keys(pattern: str, url: str = REDIS_URL, cluster: bool = False) -> None:
+    client = aioredis.RedisCluster.from_url(url) if cluster else aioredis.Redis.from_url(url)
     try:
         keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
         for i in range(0, len(keys), 500):
-            await client.delete(*keys[i : i + 500])
+            await client.delete(*keys[i : i + 500])  # a cluster client splits it by slot
     finally:
         await client.aclose()
 
 
 @contextlib.asynccontextmanager
-async def open_store(kind: str) -> AsyncIterator[HotStore]:
+async def open_store(kind: str, url: str = REDIS_URL) -> AsyncIterator[HotStore]:
+    """`kind`: embedded, redis (the machine's Redis), or redis-cluster (at `url`)."""
     if kind == "embedded":
         yield EmbeddedHotStore(retention_seconds=math.inf)  # Redis here keeps them too
         return
     prefix = f"creditd-test-{RUN}-{next(_stores)}:"
-    store = RedisHotStore(REDIS_URL, prefix)
+    cluster = kind == "redis-cluster"
+    store = RedisHotStore(url, prefix, cluster=cluster)
     try:
         yield store
     finally:
         await store.close()
-        await _delete_keys(prefix + "*")
+        await _delete_keys(prefix + "*", url, cluster)
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[HotStore]:
-    async with open_store(request.param) as opened:
+    url = request.getfixturevalue("redis_cluster").url if request.param == "redis-cluster" else REDIS_URL
+    async with open_store(request.param, url) as opened:
         yield opened
 
 
@@ -1066,17 +1070,43 @@ def _record_kind(record: Record) -> str:
     return f"record session {record.status}"
 
 
+CONFIGS = st.tuples(*(wallet_configs(account) for account in ACCOUNTS for _ in BALANCES))
+FUNDS = st.tuples(*(st.sampled_from([(0, 0), (C, 2 * C), (C, 20 * C)]) for _ in ACCOUNTS for _ in BALANCES))
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    configs=st.tuples(*(wallet_configs(account) for account in ACCOUNTS for _ in BALANCES)),
-    funds=st.tuples(*(st.sampled_from([(0, 0), (C, 2 * C), (C, 20 * C)]) for _ in ACCOUNTS for _ in BALANCES)),
-    operations=st.lists(OPERATIONS, min_size=5, max_size=40),
-)
+@given(configs=CONFIGS, funds=FUNDS, operations=st.lists(OPERATIONS, min_size=5, max_size=40))
 async def test_both_stores_behave_the_same(
     configs: tuple[WalletConfig, ...], funds: tuple[tuple[int, int], ...], operations: list[tuple[Any, ...]]
 ) -> None:
     """The same operations on both stores: the same results, states and outbox records."""
-    async with open_store("embedded") as embedded, open_store("redis") as redis_store:
+    await behave_the_same("redis", REDIS_URL, configs, funds, operations)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(configs=CONFIGS, funds=FUNDS, operations=st.lists(OPERATIONS, min_size=5, max_size=40))
+async def test_both_stores_behave_the_same_on_redis_cluster(
+    redis_cluster: LocalRedisCluster,
+    configs: tuple[WalletConfig, ...],
+    funds: tuple[tuple[int, int], ...],
+    operations: list[tuple[Any, ...]],
+) -> None:
+    """The scripts run on a cluster node as on one Redis (fewer examples: the rules are the same)."""
+    await behave_the_same("redis-cluster", redis_cluster.url, configs, funds, operations)
+
+
+async def behave_the_same(
+    kind: str,
+    url: str,
+    configs: tuple[WalletConfig, ...],
+    funds: tuple[tuple[int, int], ...],
+    operations: list[tuple[Any, ...]],
+) -> None:
+    async with open_store("embedded") as embedded, open_store(kind, url) as redis_store:
         stores = (embedded, redis_store)
         driver = Driver()
         wallets = itertools.product(ACCOUNTS, BALANCES)

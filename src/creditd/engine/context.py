@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from creditd.config import Settings
 from creditd.db import Database
 from creditd.domain.accounts import Account, Plan
-from creditd.engine.bus import LocalBus
 from creditd.engine.clock import Clock, RealClock
 from creditd.engine.health import Status
 from creditd.errors import NotFound
 from creditd.store.base import HotStore
+from creditd.store.bus import LocalBus
 
 
 class Catalog:

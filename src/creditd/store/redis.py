@@ -54,9 +54,11 @@ Differences from the embedded store, all deliberate:
 Numbers: amounts are decimal integer strings in Redis; the scripts compute with Lua's
 doubles, exactly while every amount and result stays below 2**53 (see _lib.lua).
 
-Connection errors and timeouts raise StoreUnavailable. redis-py does not retry commands
-(a retried script after a lost reply could apply twice); a timeout leaves the outcome of
-that one call unknown, which settle, debit_sms and apply_topup absorb by being idempotent.
+The same code runs on one Redis or on a Redis Cluster (creditd.store.redis_client makes
+the client and pipelines per node). Connection errors and timeouts raise StoreUnavailable.
+redis-py does not retry commands (a retried script after a lost reply could apply twice);
+a timeout leaves the outcome of that one call unknown, which settle, debit_sms and
+apply_topup absorb by being idempotent.
 """
 
 from __future__ import annotations
@@ -68,16 +70,11 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import fields
 from importlib import resources
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-import redis.exceptions as rx
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.typing import EncodableT
 
 from creditd.domain.periods import period_bounds_epoch
@@ -104,6 +101,16 @@ from creditd.store.base import (
     SmsDebitResult,
     message_id_reused,
 )
+from creditd.store.redis_client import (
+    Routed,
+    ScriptCall,
+    close,
+    connect,
+    ping_all,
+    pipelined,
+    redis_errors,
+    run_scripts,
+)
 
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
 DEFAULT_PREFIX = "creditd:"
@@ -112,28 +119,10 @@ REBUILD_LOCK_MS = 60_000  # longer than any rebuild; a dead holder frees it
 _BATCH = 500  # keys or members per command in load()
 _LIVE_BATCH = 200  # sessions read per round trip by live_sessions()
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rx.ConnectionError,  # also BusyLoadingError, MaxConnectionsError
-    rx.TimeoutError,
-    rx.ReadOnlyError,
-    rx.MasterDownError,
-    rx.OutOfMemoryError,
-    rx.ClusterDownError,
-    rx.TryAgainError,
-    OSError,  # also the builtin TimeoutError
-)
 
 # The order of the configuration and state in a wallet hash and in script replies.
 _CONFIG_FIELDS = ("hw", "fa", "ul", "ad", "rf", "re", "rt", "ra", "rg", "rm", "lb")
 _WALLET_FIELDS = ("bt", *_CONFIG_FIELDS, "ps", "pe", "fr", "pu", "rs", "us", "rn", "ln")
-
-
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"the Redis hot store is unavailable: {exc}", error=type(exc).__name__) from exc
 
 
 def load_script(name: str) -> str:
@@ -150,23 +139,12 @@ class RedisHotStore(HotStore):
         *,
         settled_ttl_seconds: int = 0,
         sweep_interval_seconds: float = 5.0,
+        cluster: bool = False,
         **redis_options: Any,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (they make Redis Cluster hash tags)")
-        options: dict[str, Any] = {
-            "socket_connect_timeout": 1.0,
-            "socket_timeout": 2.0,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        options.update(redis_options)
-        options["decode_responses"] = True
-        # A pool that waits (up to `timeout` seconds) for a free connection: redis-py's
-        # default pool raises MaxConnectionsError at once when its 100 connections are
-        # busy, which turned a burst of concurrent calls into UNAVAILABLE answers.
-        options.setdefault("max_connections", 256)
-        options.setdefault("timeout", 2.0)
-        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, **options))
+        self._redis = connect(url, cluster=cluster, **redis_options)
         self._prefix = prefix
         self._registry = f"{prefix}agencies"
         self._marker = f"{prefix}loaded"
@@ -235,7 +213,7 @@ class RedisHotStore(HotStore):
 
     async def _eval(self, name: str, agency_id: str, keys: list[str], args: list[str | int]) -> list[str]:
         try:
-            with _redis_errors():
+            with redis_errors():
                 reply: list[str] = await self._scripts[name](keys=keys, args=args)
         finally:
             self._touched(agency_id)
@@ -261,10 +239,11 @@ class RedisHotStore(HotStore):
         """Raise StoreUnavailable if Redis cannot be reached; False if it lost what load() wrote.
 
         Redis without persistence comes back empty after a restart: the marker that load()
-        sets is gone with everything else, and the state must be rebuilt.
+        sets is gone with everything else, and the state must be rebuilt. On a cluster
+        every primary must answer.
         """
-        with _redis_errors():
-            await self._redis.ping()
+        await ping_all(self._redis)
+        with redis_errors():
             loaded: int = await self._redis.exists(self._marker)
         return bool(loaded)
 
@@ -275,20 +254,20 @@ class RedisHotStore(HotStore):
         The lock expires by itself if its holder dies mid-rebuild.
         """
         token = uuid.uuid4().hex
-        with _redis_errors():
+        with redis_errors():
             mine = bool(await self._redis.set(self._rebuild_lock, token, nx=True, px=REBUILD_LOCK_MS))
         try:
             yield mine
         finally:
             if mine:
-                with contextlib.suppress(StoreUnavailable), _redis_errors():
+                with contextlib.suppress(StoreUnavailable), redis_errors():
                     if await self._redis.get(self._rebuild_lock) == token:
                         await self._redis.delete(self._rebuild_lock)
 
     async def configure_wallet(
         self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
     ) -> list[Record]:
-        with _redis_errors():
+        with redis_errors():
             await self._redis.sadd(self._registry, agency_id)
         keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
         args = [*self._common(now, [config.anchor_day]), account_id, int(balance_type), *_config_values(config)]
@@ -307,20 +286,20 @@ class RedisHotStore(HotStore):
 
     async def snapshot_wallet(self, agency_id: str, account_id: str, balance_type: BalanceType) -> WalletState | None:
         """The wallet as stored, without rolling its period (nothing is written)."""
-        with _redis_errors():
+        with redis_errors():
             raw = cast(dict[str, str], await self._redis.hgetall(self._wallet_key(agency_id, account_id, balance_type)))
         if not raw:
             return None
         return _wallet_from([raw["a"], *(raw[field] for field in _WALLET_FIELDS)], 0)
 
     async def session(self, agency_id: str, session_id: str) -> SessionState | None:
-        with _redis_errors():
+        with redis_errors():
             raw = cast(dict[str, str], await self._redis.hgetall(self._session_key(agency_id, session_id)))
         return _session_from(raw) if raw else None
 
     async def live_sessions(self, agency_id: str, skip: Collection[str] = ()) -> list[SessionState]:
         raws: list[dict[str, str]] = []
-        with _redis_errors():
+        with redis_errors():
             ids = cast(set[str], await self._redis.smembers(self._live_key(agency_id)))
             ordered = sorted(i for i in ids if i not in skip)
             # In pipelines of _LIVE_BATCH: reading 10,000 sessions in one go held the event
@@ -488,7 +467,7 @@ class RedisHotStore(HotStore):
     async def append_records(self, agency_id: str, records: list[Record]) -> None:
         if not records:
             return
-        with _redis_errors():
+        with redis_errors():
             await self._redis.sadd(self._registry, agency_id)
         args: list[str | int] = ["", "0", 0, *(encode_record(record) for record in records)]
         await self._eval("append_records", agency_id, [self._outbox_key(agency_id)], args)
@@ -501,18 +480,29 @@ class RedisHotStore(HotStore):
         seen = dict(self._dirty)
         agencies = set(seen)
         sweep = time.monotonic() >= self._next_sweep
-        with _redis_errors():
-            if sweep:
-                agencies |= cast(set[str], await self._redis.smembers(self._registry))
-            ordered = sorted(agencies)
-            pipe = self._redis.pipeline(transaction=False)
-            for agency_id in ordered:
-                pipe.xrange(self._outbox_key(agency_id), count=limit)
-            streams: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
+        # A shard that does not answer (the registry's, or an outbox's) keeps its records
+        # for a later call while the others drain; only when nothing answered is it an error.
+        failed: list[Exception] = []
+        swept = False
         if sweep:
+            try:
+                with redis_errors():
+                    agencies |= cast(set[str], await self._redis.smembers(self._registry))
+                swept = True
+            except StoreUnavailable as exc:
+                failed.append(exc)
+        ordered = sorted(agencies)
+        keys = [self._outbox_key(agency_id) for agency_id in ordered]
+        streams = await pipelined(self._redis, [Routed(key, ("XRANGE", key, "-", "+", "COUNT", limit)) for key in keys])
+        failed += [reply for reply in streams if isinstance(reply, Exception)]
+        if failed and len(failed) == len(streams) + sweep:
+            raise failed[0]
+        if swept:
             self._next_sweep = time.monotonic() + self._sweep_interval
         found: list[tuple[int, int, str, str, str]] = []
         for agency_id, entries in zip(ordered, streams, strict=True):
+            if isinstance(entries, Exception):
+                continue
             if not entries:
                 # nothing pending; unless a write landed since the snapshot, stop looking
                 if agency_id in seen and self._dirty.get(agency_id) == seen[agency_id]:
@@ -529,13 +519,13 @@ class RedisHotStore(HotStore):
         for outbox_id in ids:
             agency_id, _, entry_id = outbox_id.partition("/")
             by_agency.setdefault(agency_id, []).append(entry_id)
-        if not by_agency:
-            return
-        with _redis_errors():
-            pipe = self._redis.pipeline(transaction=False)
-            for agency_id, entry_ids in by_agency.items():
-                pipe.xdel(self._outbox_key(agency_id), *entry_ids)
-            await pipe.execute()
+        keys = [self._outbox_key(agency_id) for agency_id in by_agency]
+        replies = await pipelined(
+            self._redis, [Routed(key, ("XDEL", key, *ids)) for key, ids in zip(keys, by_agency.values(), strict=True)]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):  # after the others: what was acknowledged is gone
+                raise reply
 
     async def load(
         self,
@@ -556,7 +546,7 @@ class RedisHotStore(HotStore):
         agencies = {agency_id for agency_id, _ in wallets} | {s.agency_id for s in sessions} | set(topups)
         stale: dict[str, list[str]] = {agency_id: [] for agency_id in agencies}
         start = len(self._prefix) + 1
-        with _redis_errors():
+        with redis_errors():
             async for key in self._redis.scan_iter(match=_glob_escape(self._prefix) + "{*", count=1000):
                 end = key.find("}", start)
                 agency_id = key[start:end] if end > 0 else ""
@@ -566,7 +556,7 @@ class RedisHotStore(HotStore):
                 pipe = self._redis.pipeline(transaction=True)
                 keys = stale[agency_id]
                 for i in range(0, len(keys), _BATCH):
-                    pipe.unlink(*keys[i : i + _BATCH])
+                    pipe.execute_command("UNLINK", *keys[i : i + _BATCH])  # a cluster pipeline's unlink() is not queued
                 for owner, wallet in wallets:
                     if owner == agency_id:
                         key = self._wallet_key(agency_id, wallet.account_id, wallet.balance_type)
@@ -590,8 +580,14 @@ class RedisHotStore(HotStore):
         for agency_id in agencies:
             self._touched(agency_id)
 
+    async def run_scripts(self, calls: Sequence[tuple[str, list[str], list[str | int]]]) -> list[Any]:
+        """Run (script name, keys, args) calls in pipelines, one per node: each call's reply,
+        or its own exception (StoreUnavailable when its node could not be reached), in order."""
+        scripts = self._scripts
+        return await run_scripts(self._redis, [ScriptCall(scripts[name], keys, args) for name, keys, args in calls])
+
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        await close(self._redis)
 
 
 # -- encoding ------------------------------------------------------------------------------
