@@ -56,7 +56,7 @@ def sums_from_ledger(entries: list[ledger_pb2.LedgerEntry], key: Any) -> dict[An
         for i, value in enumerate(
             (
                 e.seconds if voice else 0,
-                0 if voice else e.seconds,
+                0 if voice else e.segments,
                 0 if voice else 1,
                 -e.amount_micros,
                 -e.free_micros,
