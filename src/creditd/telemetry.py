@@ -47,6 +47,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
@@ -55,6 +56,7 @@ from creditd import __version__, logs
 from creditd.api.errors import MalformedRequest, abort
 from creditd.config import Settings, host_port
 from creditd.domain.records import DenyReason
+from creditd.metrics import Metrics, MetricsExporter
 from creditd.stalls import StallWatch
 
 log = logging.getLogger(__name__)
@@ -131,31 +133,42 @@ class Telemetry:
         self.tracer = self.tracer_provider.get_tracer("creditd", __version__)
         self.tracing = False
         self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = Metrics(InstrumentationScope("creditd", __version__))
+        self.registry.register(self.metrics)
         readers: list[MetricReader] = [_prometheus_reader(self.registry)]
         if settings.otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             endpoint = settings.otlp_endpoint
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+            exporter = MetricsExporter(OTLPMetricExporter(endpoint=endpoint), self.metrics)
+            readers.append(PeriodicExportingMetricReader(exporter))
             self.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         meter = self.meter_provider.get_meter("creditd", __version__)
-        self.rpc_duration = meter.create_histogram(
+        self.rpc_duration = self.metrics.histogram(
             "rpc.server.call.duration",
-            unit="s",
-            description="Duration of RPCs, streams included, by method and status",
-            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+            "Duration of RPCs, streams included, by method and status",
+            ("rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code"),
+            SECONDS_BUCKETS,
         )
-        self.authorizations = meter.create_counter(
-            "creditd.authorizations", description="Authorize answers by outcome (allowed, denied, error) and reason"
+        self.authorizations = self.metrics.counter(
+            meter,
+            "creditd.authorizations",
+            "Authorize answers by outcome (allowed, denied, error) and reason",
+            ("channel", "outcome", "reason"),
         )
-        self.cutoffs = meter.create_counter("creditd.cutoffs", description="Sessions cut off, by channel and reason")
-        self.renewals = meter.create_counter(
-            "creditd.slice.renewals", description="Slice renewals of live voice sessions: full, partial or denied"
+        self.cutoffs = self.metrics.counter(
+            meter, "creditd.cutoffs", "Sessions cut off, by channel and reason", ("channel", "reason")
         )
-        self.settled = meter.create_counter(
-            "creditd.sessions.settled", description="Voice sessions settled: ended by the caller or cut off"
+        self.renewals = self.metrics.counter(
+            meter,
+            "creditd.slice.renewals",
+            "Slice renewals of live voice sessions: full, partial or denied",
+            ("outcome",),
+        )
+        self.settled = self.metrics.counter(
+            meter, "creditd.sessions.settled", "Voice sessions settled: ended by the caller or cut off", ("outcome",)
         )
         self.topups = meter.create_counter(
             "creditd.topups", description="Top-ups by kind, balance type and outcome (applied, replayed, rejected)"
@@ -166,11 +179,11 @@ class Telemetry:
         self.flushed = meter.create_counter(
             "creditd.writebehind.records", description="Records written behind to the database"
         )
-        self.store_duration = meter.create_histogram(
+        self.store_duration = self.metrics.histogram(
             "creditd.store.duration",
-            unit="s",
-            description="Hot store and database operations, by store, operation and outcome",
-            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+            "Hot store and database operations, by store, operation and outcome",
+            ("store", "op", "outcome"),
+            SECONDS_BUCKETS,
         )
         meter.create_observable_gauge(
             "creditd.sessions.live", callbacks=[self._observe_live], description="Live sessions on this replica"
@@ -257,10 +270,10 @@ class Telemetry:
     # -- what the servicers report ------------------------------------------------------
 
     def authorization(self, channel: str, outcome: str, reason: str) -> None:
-        self.authorizations.add(1, {"channel": channel, "outcome": outcome, "reason": reason})
+        self.authorizations.add((channel, outcome, reason))
 
     def cutoff(self, channel: str, reason: int) -> None:
-        self.cutoffs.add(1, {"channel": channel, "reason": deny_reason_name(reason)})
+        self.cutoffs.add((channel, deny_reason_name(reason)))
 
     # -- stores -------------------------------------------------------------------------
 
@@ -284,9 +297,9 @@ class Telemetry:
         after: Callable[[tuple[Any, ...], Any], None] | None = None,
     ) -> None:
         original: Callable[..., Awaitable[Any]] = getattr(target, op)
-        record = self.store_duration.record
-        ok = {"store": system, "op": op, "outcome": "ok"}
-        failed = {"store": system, "op": op, "outcome": "error"}
+        record = self.store_duration.observe
+        ok = (system, op, "ok")
+        failed = (system, op, "error")
         span_name = f"{system} {op}"
         span_attributes = {"db.system.name": system, "db.operation.name": op}
         telemetry = self
@@ -302,9 +315,9 @@ class Telemetry:
                 else:
                     result = await original(*args, **kwargs)
             except BaseException:
-                record(time.perf_counter() - started, failed)
+                record(failed, time.perf_counter() - started)
                 raise
-            record(time.perf_counter() - started, ok)
+            record(ok, time.perf_counter() - started)
             if after is not None:
                 try:
                     after(args, result)
@@ -325,7 +338,7 @@ class Telemetry:
             outcome = "partial"
         else:
             outcome = "denied"
-        self.renewals.add(1, {"outcome": outcome})
+        self.renewals.add((outcome,))
 
     def _after_settle(self, args: tuple[Any, ...], result: Any) -> None:
         if result.already_settled:
@@ -333,7 +346,7 @@ class Telemetry:
         reason = args[0].cutoff_reason
         if reason:
             self.cutoff("voice", reason)
-        self.settled.add(1, {"outcome": "cutoff" if reason else "ended"})
+        self.settled.add(("cutoff" if reason else "ended",))
 
     def _after_write(self, args: tuple[Any, ...], _: Any) -> None:
         self.flushed.add(len(args[0]))
@@ -418,7 +431,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
         self._handlers: dict[str, tuple[Any, Any]] = {}
-        self._attributes: dict[tuple[str, grpc.StatusCode], dict[str, Any]] = {}
+        self._labels: dict[tuple[str, grpc.StatusCode], tuple[str, ...]] = {}
 
     async def intercept_service(
         self,
@@ -551,12 +564,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         elapsed = time.perf_counter() - started
         code = _status(context, error)
         key = (method, code)
-        attributes = self._attributes.get(key)
-        if attributes is None:
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-            attributes["rpc.grpc.status_code"] = code.value[0]
-            self._attributes[key] = attributes
-        self.telemetry.rpc_duration.record(elapsed, attributes)
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = self._labels[key] = ("grpc", service, name, str(code.value[0]))
+        self.telemetry.rpc_duration.observe(labels, elapsed)
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code in _SERVER_ERRORS:

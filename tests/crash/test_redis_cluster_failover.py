@@ -157,10 +157,10 @@ async def test_the_bus_subscribes_again_on_the_promoted_replica(cluster: LocalRe
     await sender.start()
     await receiver.start()
     try:
-        notifications = [f"balance:{uuid.uuid4().hex}" for _ in range(100)]
+        notifications = [f"config:{uuid.uuid4().hex}" for _ in range(100)]
         victim = cluster.primary_for(receiver.channel_of(notifications[0]))
         on_victim = [n for n in notifications if cluster.primary_for(receiver.channel_of(n)).port == victim.port]
-        async with killed(cluster, victim), receiver.subscribe(lambda c: c.startswith("balance:")) as queue:
+        async with killed(cluster, victim), receiver.subscribe(lambda c: c.startswith("config:")) as queue:
             # a notification sent while nobody listened on the new primary is lost (a hint):
             # send again until each one arrives
             seen: set[str] = set()

@@ -13,11 +13,11 @@ from creditd.config import Settings
 from creditd.db import Database
 from creditd.db.migrate import upgrade
 from creditd.domain.records import BalanceType, EntryKind, EventRecord, EventType, LedgerRecord, SessionRecord, new_id
-from creditd.store.bus import LocalBus
 from creditd.engine.context import Context
 from creditd.engine.durability import Flusher
 from creditd.errors import StoreUnavailable
 from creditd.store.base import HotStore
+from creditd.store.bus import LocalBus
 from creditd.store.embedded import EmbeddedHotStore
 from creditd.store.redis import RedisHotStore
 from tests import services

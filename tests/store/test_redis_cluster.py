@@ -190,12 +190,12 @@ async def test_notifications_reach_every_replica_over_every_shard(redis_cluster:
     await sender.start()
     await receiver.start()
     try:
-        notifications = [f"balance:{uuid.uuid4().hex}" for _ in range(200)]
+        notifications = [f"config:{uuid.uuid4().hex}" for _ in range(200)]
         channels = {sender.channel_of(n) for n in notifications}
         assert len(channels) == SHARD_CHANNELS
         primaries = {node.port for node in redis_cluster.primaries()}
         assert set(owners(redis_cluster, sorted(channels)).values()) == primaries
-        async with receiver.subscribe(lambda channel: channel.startswith("balance:")) as queue:
+        async with receiver.subscribe(lambda channel: channel.startswith("config:")) as queue:
             for notification in notifications:
                 await sender.publish(notification)
             seen: set[str] = set()

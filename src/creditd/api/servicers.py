@@ -32,6 +32,7 @@ from creditd.engine.metering import Metering
 from creditd.errors import CreditdError, InvalidArgument
 from creditd.telemetry import Telemetry, deny_reason_name
 
+WATCH_REFRESH_SECONDS = 5.0  # a balance watch reads again at least this often
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _CHANNELS = {int(Channel.VOICE): "voice", int(Channel.SMS): "sms"}
 E = TypeVar("E", bound=enum.IntEnum)
@@ -185,7 +186,11 @@ class LedgerServicer:
         # Every read checks the key and its scope again (in _balances); a revocation wakes
         # the watch too, so a revoked key's watch ends at once.
         channel = f"balance:{request.account_id}"
-        async with self.ctx.bus.subscribe(lambda c: c == channel or c.startswith("apikey:")) as changes:
+        bus = self.ctx.bus
+        async with (
+            bus.watch(request.account_id),
+            bus.subscribe(lambda c: c == channel or c.startswith("apikey:")) as changes,
+        ):
             last = None
             while True:
                 current = await self._balances(request.account_id, context)
@@ -194,7 +199,10 @@ class LedgerServicer:
                         account_id=current.account_id, voice=current.voice, sms=current.sms
                     )
                     last = current
-                await changes.get()
+                # A change on a replica that had not yet heard of this watch is caught by the
+                # next read at the latest.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), WATCH_REFRESH_SECONDS)
                 while not changes.empty():  # many changes at once: one read
                     changes.get_nowait()
 

@@ -41,7 +41,7 @@ class Tariff:
         return SliceTerms(rate=rate, carry=self.cost(granted) - closed, offset=granted - start)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SliceTerms:
     """Reserving n more seconds costs ceil(rate * (offset + n) / 60) - carry micro-credits."""
 

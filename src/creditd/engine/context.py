@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from creditd.config import Settings
 from creditd.db import Database
-from creditd.domain.accounts import Account, Plan
+from creditd.domain.accounts import Account, Parties, Plan
 from creditd.engine.clock import Clock, RealClock
 from creditd.engine.health import Status
 from creditd.errors import NotFound
@@ -25,23 +25,30 @@ class Catalog:
         self._db = db
         self._accounts: dict[str, Account] = {}
         self._plans: dict[tuple[str, str], Plan] = {}
+        # client id -> the parties of its usage, built once (every change clears them all)
+        self.parties: dict[str, Parties] = {}
 
     async def load(self) -> None:
+        self.parties.clear()
         self._accounts = {a.account_id: a for a in await self._db.list_accounts()}
         self._plans = {(p.agency_id, p.plan_id): p for p in await self._db.list_plans()}
 
     def forget(self, account_id: str) -> None:
+        self.parties.clear()
         account = self._accounts.pop(account_id, None)
         if account is not None and account.plan_id:
             self._plans.pop((account.agency_id, account.plan_id), None)
 
     def forget_plan(self, agency_id: str, plan_id: str) -> None:
+        self.parties.clear()
         self._plans.pop((agency_id, plan_id), None)
 
     def put(self, account: Account) -> None:
+        self.parties.clear()
         self._accounts[account.account_id] = account
 
     def put_plan(self, plan: Plan) -> None:
+        self.parties.clear()
         self._plans[(plan.agency_id, plan.plan_id)] = plan
 
     async def find(self, account_id: str) -> Account | None:

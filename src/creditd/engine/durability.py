@@ -49,10 +49,17 @@ class Flusher:
         return 0.0 if self.oldest_pending is None else max(0.0, time.time() - self.oldest_pending)
 
     async def flush(self) -> int:
-        """Move everything pending to the database; returns how many records moved."""
+        """Move everything pending to the database; returns how many records moved.
+
+        A batch smaller than `flush_batch` held everything that was pending when it was
+        taken: that is the end. Going on would write what arrived meanwhile a few records at
+        a time, each batch a transaction of its own (under steady load, hundreds of
+        microseconds a record instead of tens); the next interval takes them together.
+        """
         moved = 0
+        limit = self.ctx.settings.flush_batch
         while True:
-            batch = await self.ctx.store.take_records(self.ctx.settings.flush_batch)
+            batch = await self.ctx.store.take_records(limit)
             if not batch:
                 self.oldest_pending = None
                 return moved
@@ -63,6 +70,9 @@ class Flusher:
             moved += len(batch)
             if any(isinstance(r, EventRecord) for r in records):
                 await self.ctx.bus.publish("events")
+            if len(batch) < limit:
+                self.oldest_pending = None
+                return moved
 
     async def _run(self) -> None:
         while True:

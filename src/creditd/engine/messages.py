@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Start:
     session_id: str
     client_id: str
@@ -13,19 +13,19 @@ class Start:
     direction: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Usage:
     seconds_used: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Sms:
     message_id: str
     destination_country: str
     segments: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class End:
     seconds_used: int
 
@@ -33,18 +33,18 @@ class End:
 Request = Start | Usage | Sms | End
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GrantMsg:
     granted_seconds: int
     expires_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WarningMsg:
     remaining_seconds: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SmsResultMsg:
     message_id: str
     allowed: bool
@@ -52,13 +52,13 @@ class SmsResultMsg:
     charged_micros: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CutoffMsg:
     reason: int
     billed_seconds: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SummaryMsg:
     billed_seconds: int
     client_charged_micros: int
@@ -71,7 +71,7 @@ Message = GrantMsg | WarningMsg | SmsResultMsg | CutoffMsg | SummaryMsg
 TERMINAL = (CutoffMsg, SummaryMsg)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AuthorizeResult:
     allowed: bool
     deny_reason: int = 0

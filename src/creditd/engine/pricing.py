@@ -8,6 +8,9 @@ from creditd.errors import FailedPrecondition
 
 
 async def parties(ctx: Context, client_id: str) -> Parties:
+    known = ctx.catalog.parties.get(client_id)
+    if known is not None:
+        return known
     client = await ctx.catalog.account(client_id)
     if client.is_agency:
         raise FailedPrecondition(
@@ -15,4 +18,6 @@ async def parties(ctx: Context, client_id: str) -> Parties:
         )
     agency = await ctx.catalog.account(client.agency_id)
     plan = await ctx.catalog.plan(client.agency_id, client.plan_id)
-    return Parties(client, agency, plan, agency.platform_rates or ctx.settings.platform_rates)
+    found = Parties(client, agency, plan, agency.platform_rates or ctx.settings.platform_rates)
+    ctx.catalog.parties[client_id] = found
+    return found

@@ -19,7 +19,7 @@ from creditd.domain.wallet import Constraint, WalletConfig, WalletState
 from creditd.errors import CreditdError, FailedPrecondition
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Payer:
     """One account that pays for a voice slice, and the terms of its current price segment."""
 
@@ -27,7 +27,7 @@ class Payer:
     terms: SliceTerms
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SessionOpen:
     """Present on the first reservation of a session: creates it and checks concurrency."""
 
@@ -38,7 +38,7 @@ class SessionOpen:
     max_concurrent: int  # 0: no cap
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReserveRequest:
     session_id: str
     agency_id: str
@@ -52,7 +52,7 @@ class ReserveRequest:
     open: SessionOpen | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReserveResult:
     granted_seconds: int  # seconds added by this call (0: nothing could be reserved)
     total_granted_seconds: int  # cumulative seconds granted to the session
@@ -62,7 +62,7 @@ class ReserveResult:
     reserved: dict[str, int] = field(default_factory=dict)  # cumulative per payer
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SettleRequest:
     session_id: str
     agency_id: str
@@ -72,7 +72,7 @@ class SettleRequest:
     cutoff_reason: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SettleResult:
     billed_seconds: int
     charged: dict[str, int]
@@ -80,7 +80,7 @@ class SettleResult:
     cutoff_reason: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SmsDebitRequest:
     message_id: str
     session_id: str
@@ -104,7 +104,7 @@ def message_id_reused(request: SmsDebitRequest) -> FailedPrecondition:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SmsDebitResult:
     allowed: bool
     charged: dict[str, int]
@@ -112,7 +112,7 @@ class SmsDebitResult:
     duplicate: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SessionState:
     session_id: str
     agency_id: str

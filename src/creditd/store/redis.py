@@ -36,7 +36,7 @@ slot), so `take_records` reads the streams of
     paths that create an agency's state: configure_wallet, load, append_records) once per
     `sweep_interval_seconds`, which picks up records left by a replica that died.
 Several replicas may take the same records; the database writes them idempotently by id.
-Record ids are a random prefix per call plus a counter ("<prefix>-1", "<prefix>-2", ...).
+Record ids are a prefix per call (random per process, then a count) plus a counter ("<prefix>-1", "<prefix>-2", ...).
 An outbox id is "<agency>/<stream entry id>".
 
 Differences from the embedded store, all deliberate:
@@ -63,6 +63,7 @@ apply_topup absorb by being idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -70,10 +71,10 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import fields
 from importlib import resources
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis.typing import EncodableT
 
@@ -89,7 +90,7 @@ from creditd.domain.records import (
     TopupKind,
 )
 from creditd.domain.wallet import Constraint, RefillSettings, WalletConfig, WalletState
-from creditd.errors import FailedPrecondition, NotFound, StoreUnavailable
+from creditd.errors import CreditdError, FailedPrecondition, NotFound, StoreUnavailable
 from creditd.store.base import (
     HotStore,
     ReserveRequest,
@@ -101,6 +102,7 @@ from creditd.store.base import (
     SmsDebitResult,
     message_id_reused,
 )
+from creditd.store.batch import Call, ScriptBatcher
 from creditd.store.redis_client import (
     Routed,
     ScriptCall,
@@ -111,7 +113,10 @@ from creditd.store.redis_client import (
     redis_errors,
     run_scripts,
 )
+from creditd.store.resp import ReplyError, RespConnection, supports
 
+R = TypeVar("R")
+T = TypeVar("T")
 SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
 DEFAULT_PREFIX = "creditd:"
 _ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
@@ -153,10 +158,16 @@ class RedisHotStore(HotStore):
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = 0.0
         self._scripts = {name: self._redis.register_script(load_script(name)) for name in SCRIPTS}
+        # The hot path's scripts: over one multiplexed connection to a standalone Redis, or
+        # in pipelines per node (a cluster, TLS).
+        self.connection = RespConnection(url) if not cluster and supports(url) else None
+        self.batcher = ScriptBatcher(self.run_scripts, self._run_one)
         self._anchors: dict[str, int] = {}  # account id -> anchor day, as last seen
         self._periods: dict[int, tuple[int, int]] = {}  # anchor day -> bounds of the current period
         self._dirty: dict[str, int] = {}  # agency -> generation of its last write
         self._generation = itertools.count(1)
+        self._record_prefix = uuid.uuid4().hex[:20] + "."
+        self._record_calls = itertools.count(1)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -196,7 +207,8 @@ class RedisHotStore(HotStore):
     def _common(self, now: float, anchor_days: Iterable[int]) -> list[str | int]:
         if not math.isfinite(now):
             raise ValueError(f"now must be a finite time, not {now!r}")
-        args: list[str | int] = [uuid.uuid4().hex, repr(float(now))]
+        # Record ids: this process's prefix and a count, unique without a uuid per call.
+        args: list[str | int] = [f"{self._record_prefix}{next(self._record_calls):x}", repr(float(now))]
         days = sorted(set(anchor_days))
         args.append(len(days))
         for day in days:
@@ -212,11 +224,35 @@ class RedisHotStore(HotStore):
             self._anchors[account] = int(day)
 
     async def _eval(self, name: str, agency_id: str, keys: list[str], args: list[str | int]) -> list[str]:
+        """Run one script, in the pipeline of whatever else is queued in this turn of the loop."""
         try:
+            if self.connection is not None:
+                return await self._evalsha(name, keys, args)
             with redis_errors():
-                reply: list[str] = await self._scripts[name](keys=keys, args=args)
+                reply: list[str] = await self.batcher.call(name, keys, args)
         finally:
             self._touched(agency_id)
+        return reply
+
+    async def _evalsha(self, name: str, keys: list[str], args: list[str | int]) -> list[str]:
+        assert self.connection is not None
+        script = self._scripts[name]
+        command: list[str | int] = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        try:
+            reply: list[str] = await self.connection.call(command)
+        except ReplyError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            # A Redis that restarted, or SCRIPT FLUSH: the call did not run; load, run again.
+            with redis_errors():
+                await self._redis.script_load(script.script)
+            reply = await self.connection.call(command)
+        return reply
+
+    async def _run_one(self, call: Call) -> Any:
+        (reply,) = await self.run_scripts([call])
+        if isinstance(reply, BaseException):
+            raise reply
         return reply
 
     async def _eval_rolling(
@@ -368,6 +404,13 @@ class RedisHotStore(HotStore):
         if status == "NOTFOUND":
             raise _no_wallet(request.balance_type, reply[1])
         raise RuntimeError(f"reserve: unexpected reply {reply!r}")
+
+    async def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult | CreditdError]:
+        """All at once: their scripts leave in one pipeline (see ScriptBatcher)."""
+        return await _each(self.reserve, requests)
+
+    async def settle_many(self, requests: Sequence[SettleRequest]) -> list[SettleResult | CreditdError]:
+        return await _each(self.settle, requests)
 
     async def settle(self, request: SettleRequest) -> SettleResult:
         agency_id = request.agency_id
@@ -587,7 +630,20 @@ class RedisHotStore(HotStore):
         return await run_scripts(self._redis, [ScriptCall(scripts[name], keys, args) for name, keys, args in calls])
 
     async def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
         await close(self._redis)
+
+
+async def _each(operation: Callable[[R], Awaitable[T]], requests: Sequence[R]) -> list[T | CreditdError]:
+    """`operation` on every request concurrently; a CreditdError is returned in its place."""
+    results = await asyncio.gather(*(operation(request) for request in requests), return_exceptions=True)
+    out: list[T | CreditdError] = []
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, CreditdError):
+            raise result
+        out.append(result)
+    return out
 
 
 # -- encoding ------------------------------------------------------------------------------

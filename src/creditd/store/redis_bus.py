@@ -13,6 +13,11 @@ message within the shard of its channel, so the bus uses SHARD_CHANNELS channels
 the channel its name hashes to, so the load spreads over the shards. Each replica holds
 one subscription per channel, on the primary that serves its slot, and follows the slot
 when it moves (the server ends the subscription, or the connection drops).
+
+Balance watches: a replica announces "watching:<account>" when a WatchBalance stream of
+the account opens and every WATCH_ANNOUNCE_SECONDS while one is open; every replica
+publishes the account's balance changes for WATCH_TTL_SECONDS after the last announcement
+it received (see LocalBus.watch).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from typing import Any
 
@@ -37,6 +43,9 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 10_000
 SHARD_CHANNELS = 16
 RESUBSCRIBE_SECONDS = 0.5
+WATCH_ANNOUNCE_SECONDS = 10.0
+WATCH_TTL_SECONDS = 3 * WATCH_ANNOUNCE_SECONDS
+WATCHING = "watching:"
 
 
 class RedisBus(LocalBus):
@@ -53,17 +62,43 @@ class RedisBus(LocalBus):
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed: set[str] = set()
         self._all_subscribed = asyncio.Event()
+        self._watched: dict[str, float] = {}  # account -> until when some replica watches it
 
     def channel_of(self, notification: str) -> str:
         """The Redis channel that carries `notification` (the same in every process)."""
         return self._channels[zlib.crc32(notification.encode()) % len(self._channels)]
 
-    def notify(self, channel: str) -> None:
+    def _send(self, channel: str) -> None:
         with contextlib.suppress(asyncio.QueueFull):  # a flood only merges wake-ups
             self._outgoing.put_nowait(channel)
 
+    def watched(self, account_id: str) -> bool:
+        until = self._watched.get(account_id)
+        return until is not None and until > time.monotonic()
+
+    def _started_watching(self, account_id: str) -> None:
+        self._send(WATCHING + account_id)
+
+    def deliver(self, channel: str) -> None:
+        if channel.startswith(WATCHING):
+            self._watched[channel[len(WATCHING) :]] = time.monotonic() + WATCH_TTL_SECONDS
+            return
+        super().deliver(channel)
+
+    async def _announce(self) -> None:
+        """Tell every replica, again and again, which balances this one watches."""
+        while True:
+            await asyncio.sleep(WATCH_ANNOUNCE_SECONDS)
+            for account_id in list(self._watching):
+                self._send(WATCHING + account_id)
+            now = time.monotonic()
+            self._watched = {account: until for account, until in self._watched.items() if until > now}
+
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._send(), name="bus-send")]
+        self._tasks = [
+            asyncio.create_task(self._publish(), name="bus-send"),
+            asyncio.create_task(self._announce(), name="bus-announce"),
+        ]
         self._tasks += [asyncio.create_task(self._receive(c), name=f"bus-receive-{c}") for c in self._channels]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_subscribed.wait(), 5)
@@ -75,7 +110,7 @@ class RedisBus(LocalBus):
                 await task
         await close(self._redis)
 
-    async def _send(self) -> None:
+    async def _publish(self) -> None:
         command = "SPUBLISH" if self._cluster else "PUBLISH"
         while True:
             batch = {await self._outgoing.get()}
