@@ -190,6 +190,8 @@ class App:
             self.db.ping,
             self._serving_changed,
             self._rebuild_lost_store,
+            self._lost_agencies,
+            self._rebuild_agencies,
         )
         self.monitor.start()
 
@@ -257,9 +259,37 @@ class App:
         """The hot store lost its data: its live calls are gone with it. One replica rebuilds
         it from the database (settling the sessions the database knows as open); the others
         wait until it is whole."""
+        log.warning("the hot store lost everything it held; rebuilding it from the database")
         for session in list(self.metering.voice.sessions.values()):
             self.metering.voice.interrupt(session, DenyReason.SERVICE_UNAVAILABLE)
         await self._rebuild_once()
+        self.ctx.store.lost.clear()
+
+    async def _lost_agencies(self) -> set[str]:
+        """Agencies whose state the hot store does not hold: those its operations found
+        missing, and on a Redis Cluster (whose shards lose data one by one) every agency
+        whose marker is gone."""
+        store = self.ctx.store
+        lost = set(store.lost)
+        if store.sharded:
+            agencies = self.ctx.catalog.agency_ids()
+            lost |= set(agencies) - await store.agencies_present(agencies)
+        return lost
+
+    async def _rebuild_agencies(self, agencies: set[str]) -> None:
+        """Rebuild the state of these agencies alone (one replica does; the others wait)."""
+        log.warning("the hot store lost the state of %d agencies; rebuilding it from the database", len(agencies))
+        for session in [s for s in self.metering.voice.sessions.values() if s.agency_id in agencies]:
+            self.metering.voice.interrupt(session, DenyReason.SERVICE_UNAVAILABLE)
+        store = self.ctx.store
+        async with store.rebuild_lock() as mine:
+            missing = set(agencies) - await store.agencies_present(sorted(agencies))
+            if mine and missing:
+                await rebuild(self.ctx, missing)
+                return
+        while set(agencies) - await store.agencies_present(sorted(agencies)):  # noqa: ASYNC110 - another replica rebuilds
+            await asyncio.sleep(0.2)
+        store.lost.difference_update(agencies)
 
     async def _rebuild_once(self) -> int:
         """Rebuild the empty hot store unless another replica does (or just did); returns the

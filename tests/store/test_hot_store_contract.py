@@ -144,7 +144,7 @@ async def wallet(
     **config: Any,
 ) -> None:
     """Create a wallet and credit it."""
-    await store.configure_wallet(AGENCY, account, balance_type, WalletConfig(**config), now)
+    await store.configure_wallet(AGENCY, account, balance_type, WalletConfig(**config), now, new_agency=True)
     if free or purchased:
         await store.apply_topup(AGENCY, topup_entry(account, balance_type, free, purchased), now)
 
@@ -162,7 +162,9 @@ def terms(rate: int, granted: int = 0) -> SliceTerms:
 
 
 def opening(client: str = "c1", cap: int = 0) -> SessionOpen:
-    return SessionOpen(client_id=client, channel=1, direction=1, provider="deepgram", max_concurrent=cap)
+    return SessionOpen(
+        client_id=client, channel=1, direction=1, provider="deepgram", max_concurrent=cap, authorized_until=T0 + 60
+    )
 
 
 async def reserve(
@@ -174,6 +176,7 @@ async def reserve(
     open_as: SessionOpen | None = None,
     now: float = T0,
     lease_until: float = T0 + 90,
+    epoch: int = 1,
 ) -> ReserveResult:
     return await store.reserve(
         ReserveRequest(
@@ -185,6 +188,7 @@ async def reserve(
             now=now,
             lease_until=lease_until,
             open=open_as,
+            epoch=epoch,
         )
     )
 
@@ -216,9 +220,8 @@ def entries(records: list[Record]) -> list[LedgerRecord]:
 
 
 async def test_configure_and_read(store: HotStore) -> None:
-    assert await store.read_wallet(AGENCY, "ag", VOICE, T0) is None
     config = WalletConfig(free_allowance_micros=3 * C, refill=RefillSettings(True, C, 5 * C, 0, 2))
-    assert await store.configure_wallet(AGENCY, "ag", VOICE, config, T0) == []
+    assert await store.configure_wallet(AGENCY, "ag", VOICE, config, T0, new_agency=True) == []
     state = await read(store, "ag")
     assert state == WalletState("ag", VOICE, config, period_start=JAN[0], period_end=JAN[1])
     assert await store.read_wallet(AGENCY, "ag", SMS, T0) is None
@@ -234,6 +237,7 @@ async def test_configure_and_read(store: HotStore) -> None:
 
 
 async def test_unknown_wallets_and_sessions(store: HotStore) -> None:
+    await wallet(store, "ag")  # the agency's state is there; these are not
     with pytest.raises(NotFound):
         await store.apply_topup(AGENCY, topup_entry("nobody", VOICE, 0, C), T0)
     with pytest.raises(NotFound):
@@ -245,6 +249,37 @@ async def test_unknown_wallets_and_sessions(store: HotStore) -> None:
         await store.settle(SettleRequest("s1", AGENCY, 0, {}, T0))
     assert no_session.value.reason == "SESSION_NOT_FOUND"
     assert await store.session(AGENCY, "s1") is None
+
+
+async def test_an_agency_whose_state_the_redis_store_lost_is_unavailable_never_missing() -> None:
+    async with open_store("redis") as store:
+        assert isinstance(store, RedisHotStore)
+        await wallet(store, "ag", purchased=C)
+        await wallet(store, "c1", purchased=C)
+        opened = await reserve(store, "s1", 60, {"c1": terms(C), "ag": terms(C)}, open_as=opening())
+        assert opened.granted_seconds == 60
+        await _delete_keys(store._prefix + "*", REDIS_URL, cluster=False)  # the store lost everything it held
+        calls = [
+            store.read_wallet(AGENCY, "c1", VOICE, T0),
+            store.apply_topup(AGENCY, topup_entry("c1", VOICE, 0, C), T0),
+            reserve(store, "s2", 60, {"c1": terms(C), "ag": terms(C)}, open_as=opening()),
+            reserve(store, "s1", 60, {"c1": terms(C, 60), "ag": terms(C, 60)}),
+            store.settle(SettleRequest("s1", AGENCY, 10, {"c1": 1, "ag": 1}, T0)),
+            store.claim(AGENCY, "s1", "c1", T0, T0 + 90),
+            store.debit_sms(sms("m1", {"c1": 1, "ag": 1})),
+            store.configure_wallet(AGENCY, "c2", VOICE, WalletConfig(), T0),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable) as raised:
+                await call
+            assert raised.value.metadata == {"state": "rebuilding", "agency_id": AGENCY}
+        assert store.lost == {AGENCY}
+        await store.load([], [], ())  # a rebuild that knows no wallet of it still marks nothing
+        assert await store.agencies_present([AGENCY]) == set()
+        await store.load([(AGENCY, WalletState("c1", VOICE, WalletConfig(), 0, 0))], [], ())
+        assert await store.agencies_present([AGENCY]) == {AGENCY} and store.lost == set()
+        # the agency is whole again: what it does not hold is missing, not unavailable
+        assert await store.read_wallet(AGENCY, "nobody", VOICE, T0) is None
 
 
 # -- reserve ---------------------------------------------------------------------------------
@@ -548,7 +583,7 @@ async def test_topup_clears_the_limit_notice_once_the_limit_has_room(store: HotS
     assert (await store.debit_sms(sms("m1", {"c1": C}))).allowed
     assert not (await store.debit_sms(sms("m2", {"c1": 1}))).allowed
     assert (await read(store, "c1", SMS)).limit_notified
-    await store.configure_wallet(AGENCY, "c1", SMS, WalletConfig(usage_limit_micros=2 * C), T0)
+    await store.configure_wallet(AGENCY, "c1", SMS, WalletConfig(usage_limit_micros=2 * C), T0, new_agency=True)
     assert not (await read(store, "c1", SMS)).limit_notified
 
 
@@ -707,6 +742,7 @@ async def test_redis_key_layout(redis_store: RedisHotStore) -> None:
         f"{tag}cc:c1",
         f"{tag}sms:c1:m{{1}}",
         f"{tag}outbox",
+        f"{tag}m",
     }
     assert outbox_type == "stream"
 
@@ -807,8 +843,9 @@ async def test_redis_crash_then_reload() -> None:
         with pytest.raises(StoreUnavailable):
             await store.ping()
         process = await start()
-        assert not await store.ping()  # it lost everything
-        assert await store.read_wallet(AGENCY, "ag", VOICE, T0) is None
+        assert not await store.ping()  # it lost everything, and says so for each agency
+        with pytest.raises(StoreUnavailable):
+            await store.read_wallet(AGENCY, "ag", VOICE, T0)
         await store.load([(AGENCY, before)], [])
         assert await store.ping()
         assert await read(store, "ag") == before
@@ -957,7 +994,7 @@ class Driver:
             open_as = None
             if tariffs is None or reopen:
                 client = self.client.get(session_id, client)
-                open_as = SessionOpen(client, 1, 1, "deepgram", cap)
+                open_as = SessionOpen(client, 1, 1, "deepgram", cap, T0 + 60)
             else:
                 client = self.client[session_id]
             granted = self.granted.get(session_id, 0)
@@ -970,7 +1007,9 @@ class Driver:
                 candidate.price_from(granted, rates.get(account, agency_rate))
                 payers.append(Payer(account, candidate.terms(granted)))
             lease = self.now + want + 45
-            request = ReserveRequest(session_id, AGENCY, VOICE, want, tuple(payers), self.now, lease, open_as)
+            request = ReserveRequest(
+                session_id, AGENCY, VOICE, want, tuple(payers), self.now, lease, open_as, epoch=0 if open_as else 1
+            )
             return name, (request, rates)
         if name == "settle":
             _, n, percent, cutoff = op
@@ -1008,7 +1047,7 @@ class Driver:
 async def perform(store: HotStore, name: str, request: Any) -> Any:
     try:
         if name == "configure":
-            return [anonymous(r) for r in await store.configure_wallet(*request)]
+            return [anonymous(r) for r in await store.configure_wallet(*request, new_agency=True)]
         if name == "topup":
             return await store.apply_topup(*request)
         if name == "reserve":
@@ -1113,7 +1152,7 @@ async def behave_the_same(
         for (account, balance_type), config, (free, purchased) in zip(wallets, configs, funds, strict=True):
             initial = topup_entry(account, balance_type, free, purchased, f"initial-{account}-{int(balance_type)}")
             for store in stores:
-                await store.configure_wallet(AGENCY, account, balance_type, config, T0)
+                await store.configure_wallet(AGENCY, account, balance_type, config, T0, new_agency=True)
                 await store.apply_topup(AGENCY, initial, T0)
         for step, op in enumerate(operations):
             if op[0] == "advance":

@@ -69,7 +69,7 @@ async def test_every_key_of_an_agency_is_in_its_slot_and_agencies_reach_every_sh
     store = cluster_store
     for agency in AGENCIES:
         for account in (agency, f"{agency}-client"):
-            await store.configure_wallet(agency, account, VOICE, WalletConfig(), T0)
+            await store.configure_wallet(agency, account, VOICE, WalletConfig(), T0, new_agency=True)
         record = EventRecord(new_id(), agency, EventType.CUTOFF, VOICE, T0, session_id="s")
         await store.append_records(agency, [record])
     client = aioredis.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
@@ -116,7 +116,7 @@ async def test_load_replaces_every_shards_agencies_and_ping_asks_every_primary(
 ) -> None:
     store = cluster_store
     for agency in AGENCIES:
-        await store.configure_wallet(agency, f"{agency}-old", VOICE, WalletConfig(), T0)
+        await store.configure_wallet(agency, f"{agency}-old", VOICE, WalletConfig(), T0, new_agency=True)
     assert not await store.ping()
     start, end = period_bounds_epoch(T0, 1)
     wallets = [
@@ -172,7 +172,9 @@ async def test_run_scripts_answers_each_call_in_order_with_its_own_error(
 
 async def test_the_hot_store_runs_its_scripts_by_name(cluster_store: RedisHotStore) -> None:
     for agency in AGENCIES[:6]:
-        await cluster_store.configure_wallet(agency, agency, VOICE, WalletConfig(free_allowance_micros=0), T0)
+        await cluster_store.configure_wallet(
+            agency, agency, VOICE, WalletConfig(free_allowance_micros=0), T0, new_agency=True
+        )
     common = cluster_store._common(T0, [1])
     calls = [
         ("read_wallet", [cluster_store._wallet_key(a, a, VOICE), cluster_store._outbox_key(a)], common)

@@ -28,17 +28,22 @@ class Tariff:
 
     def price_from(self, granted: int, rate: int) -> None:
         """Charge `rate` from second `granted` on (the start of the next slice)."""
-        if self.segments and self.segments[-1][0] == granted:
-            self.segments.pop()  # it priced no second yet: replace it
-        if self.segments and self.segments[-1][1] == rate:
-            return
-        self.segments.append((granted, rate))
+        price_from(self.segments, granted, rate)
 
     def terms(self, granted: int) -> SliceTerms:
         """The numbers a store needs to reserve seconds beyond `granted` in one atomic step."""
         start, rate = self.segments[-1]
         closed = self.cost(start)
         return SliceTerms(rate=rate, carry=self.cost(granted) - closed, offset=granted - start)
+
+
+def price_from(segments: list[tuple[int, int]], granted: int, rate: int) -> None:
+    """Charge `rate` from second `granted` on, in a list of (start second, rate) segments."""
+    if segments and segments[-1][0] == granted:
+        segments.pop()  # it priced no second yet: replace it
+    if segments and segments[-1][1] == rate:
+        return
+    segments.append((granted, rate))
 
 
 @dataclass(slots=True)

@@ -91,15 +91,22 @@ class Accounts:
                 )
         await self.ctx.db.insert_account(account, allowances)
         self.ctx.catalog.put(account)
-        await self.configure_wallets(account, plan)
+        await self.configure_wallets(account, plan, created=True)
         for entry in allowances:
             await self.ctx.store.apply_topup(account.agency_id, entry, now)
 
-    async def configure_wallets(self, account: Account, plan: Plan | None) -> None:
+    async def configure_wallets(self, account: Account, plan: Plan | None, *, created: bool = False) -> None:
+        """The account's wallets in the hot store; `created`: the account is new (a new
+        agency's wallets mark its state present in the store)."""
         for balance_type in BalanceType:
             config = account.wallet_config(balance_type, plan)
             await self.ctx.store.configure_wallet(
-                account.agency_id, account.account_id, balance_type, config, self.ctx.now()
+                account.agency_id,
+                account.account_id,
+                balance_type,
+                config,
+                self.ctx.now(),
+                new_agency=created and account.is_agency,
             )
         await self.ctx.bus.publish(f"config:{account.account_id}")
         await self.ctx.bus.publish(f"balance:{account.account_id}")

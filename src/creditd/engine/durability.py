@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Collection
 
 from creditd.aio import raise_if_cancelled
 from creditd.domain.accounts import Account, Plan
@@ -84,11 +85,16 @@ class Flusher:
             await asyncio.sleep(self.ctx.settings.flush_interval_seconds)
 
 
-async def rebuild(ctx: Context) -> int:
-    """Load the hot store from the database, then settle sessions nobody is serving anymore.
+async def rebuild(ctx: Context, agencies: Collection[str] | None = None) -> int:
+    """Load the hot store from the database, then settle sessions nobody is serving anymore:
+    all of it, or only the state of `agencies` (a cluster shard that came back empty).
 
     Returns the number of sessions settled.
     """
+
+    def wanted(agency_id: str) -> bool:
+        return agencies is None or agency_id in agencies
+
     await Flusher(ctx).flush()  # whatever the store still holds belongs in the totals
     now = ctx.now()
     db = ctx.db
@@ -107,6 +113,8 @@ async def rebuild(ctx: Context) -> int:
     reserved = _reserved_by_account(open_sessions)
     wallets: list[tuple[str, WalletState]] = []
     for account in await db.list_accounts():
+        if not wanted(account.agency_id):
+            continue
         plan = await ctx.catalog.client_plan(account)
         for balance_type in BalanceType:
             wallets.append((account.agency_id, await _wallet(ctx, account, balance_type, plan, totals, reserved)))
@@ -124,9 +132,12 @@ async def rebuild(ctx: Context) -> int:
             expires_at=now,
         )
         for r in open_sessions
+        if wanted(r.agency_id)
     ]
     agency_of = {account_id: agency_id for agency_id, account_id in ((a, w.account_id) for a, w in wallets)}
-    applied = [(agency_of.get(account_id, ""), entry_id) for account_id, entry_id in topup_ids]
+    applied = [
+        (agency_of.get(account_id, ""), entry_id) for account_id, entry_id in topup_ids if account_id in agency_of
+    ]
     await ctx.store.load(wallets, sessions, applied)
     for session in sessions:
         # Nobody can prove how much of the grant was used: bill all of it, which is

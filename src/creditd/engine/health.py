@@ -56,6 +56,8 @@ class Monitor:
         ping_db: Callable[[], Awaitable[None]],
         on_change: Callable[[bool], Awaitable[None]],
         on_store_lost: Callable[[], Awaitable[None]],
+        lost_agencies: Callable[[], Awaitable[set[str]]],
+        on_agencies_lost: Callable[[set[str]], Awaitable[None]],
         interval: float = 1.0,
     ) -> None:
         self.clock = clock
@@ -64,6 +66,8 @@ class Monitor:
         self._ping_db = ping_db
         self._on_change = on_change
         self._on_store_lost = on_store_lost
+        self._lost_agencies = lost_agencies
+        self._on_agencies_lost = on_agencies_lost
         self._interval = interval
         self._periodic: Periodic | None = None
         self._slow = {"store": 0, "database": 0}  # unanswered pings in a row
@@ -97,6 +101,20 @@ class Monitor:
             await self._on_store_lost()
             self.status.store_ok = True
             log.warning("hot store rebuilt from the database in %.2fs", time.monotonic() - started)
+        elif self.status.store_ok:
+            # Some agencies' state alone is gone (a cluster shard that came back empty): only
+            # they are rebuilt, and the replica goes on serving the others.
+            try:
+                lost = await self._lost_agencies()
+            except StoreUnavailable as exc:
+                log.warning("hot store unavailable: %s", exc)
+                lost = set()
+            if lost:
+                started = time.monotonic()
+                await self._on_agencies_lost(lost)
+                log.warning(
+                    "state of %d agencies rebuilt from the database in %.2fs", len(lost), time.monotonic() - started
+                )
         try:
             await asyncio.wait_for(self._ping_db(), self._interval)
             self.status.db_ok = True

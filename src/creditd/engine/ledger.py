@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 from creditd.domain.accounts import Account
@@ -24,6 +26,8 @@ from creditd.errors import FailedPrecondition, NotFound, StoreUnavailable
 
 # Grants are free credits of the current period; everything else is bought and never expires.
 _TO_FREE = {TopupKind.GRANT}
+APPLY_WAIT_SECONDS = 10.0  # how long a committed top-up waits for the hot store to answer or be rebuilt
+APPLY_RETRY_SECONDS = 0.1
 
 
 def topup_fingerprint(account_id: str, balance_type: BalanceType, amount: int, kind: TopupKind, ref: str) -> str:
@@ -102,12 +106,28 @@ class Ledger:
             )
         # Applying an entry twice changes nothing, so a retry also repairs a top-up whose
         # first attempt committed but could not reach the hot store.
-        wallet = await self.ctx.store.apply_topup(account.agency_id, original, self.ctx.now())
+        wallet = await self._apply(account.agency_id, original)
         await self.ctx.bus.publish(f"balance:{account_id}")
         await self.ctx.bus.publish(f"credit:{account_id}")
         if created:
             await self.ctx.bus.publish("events")
         return original, wallet
+
+    async def _apply(self, agency_id: str, entry: LedgerRecord) -> WalletState:
+        """Credit a committed entry to the hot store. A store that lost its data (or is away)
+        is waited for, within APPLY_WAIT_SECONDS: the entry is durable, so once the store
+        is rebuilt (which reads it from the database) or answers again, this applies it or
+        finds it applied, and the caller hears of a success, not of an error it might not
+        retry. Past the wait the answer is UNAVAILABLE; a retry with the same key returns
+        the original entry."""
+        deadline = time.monotonic() + APPLY_WAIT_SECONDS
+        while True:
+            try:
+                return await self.ctx.store.apply_topup(agency_id, entry, self.ctx.now())
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(APPLY_RETRY_SECONDS)
 
     async def wallets(self, account_id: str) -> tuple[Account, dict[BalanceType, WalletState]]:
         account = await self.ctx.catalog.account(account_id)

@@ -33,6 +33,7 @@ from creditd.store.base import (
     ReserveRequest,
     SessionOpen,
     SessionState,
+    SessionTakenOver,
     SettleRequest,
     SmsDebitRequest,
 )
@@ -113,6 +114,7 @@ class Metering:
                     direction=int(direction),
                     provider=provider,
                     max_concurrent=party.plan.max_concurrent_sessions,
+                    authorized_until=expires_at,
                 ),
             )
         )
@@ -163,9 +165,7 @@ class Metering:
                 "the session is already settled", "SESSION_SETTLED", session_id=existing.session_id
             )
         max_seconds = existing.granted_seconds + await self._headroom_seconds(party, provider)
-        session = self.voice.get(existing.agency_id, existing.session_id)
-        expires_at = session.authorized_until if session is not None else existing.expires_at
-        return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, expires_at)
+        return AuthorizeResult(True, DenyReason.NONE, existing.granted_seconds, max_seconds, existing.authorized_until)
 
     async def _headroom_seconds(self, party: Parties, provider: str) -> int:
         seconds = MAX_SESSION_SECONDS
@@ -265,16 +265,19 @@ class Metering:
             for state in await self.ctx.store.live_sessions(agency_id, skip=mine):
                 if state.session_id in mine or state.expires_at >= now or state.channel != Channel.VOICE:
                     continue
-                result = await self.ctx.store.settle(
-                    SettleRequest(
-                        session_id=state.session_id,
-                        agency_id=agency_id,
-                        billed_seconds=state.granted_seconds,
-                        costs=dict(state.reserved),
-                        now=now,
-                        cutoff_reason=int(DenyReason.SESSION_ABANDONED),
-                    )
+                request = SettleRequest(
+                    session_id=state.session_id,
+                    agency_id=agency_id,
+                    billed_seconds=state.granted_seconds,
+                    costs=dict(state.reserved),
+                    now=now,
+                    cutoff_reason=int(DenyReason.SESSION_ABANDONED),
+                    epoch=state.epoch,  # a replica that claims it meanwhile keeps it
                 )
+                try:
+                    result = await self.ctx.store.settle(request)
+                except SessionTakenOver:
+                    continue
                 settled += not result.already_settled
         return settled
 
@@ -344,29 +347,31 @@ class UsageStream:
             return
         if start.channel != Channel.VOICE:
             raise InvalidArgument("start.channel must be CHANNEL_VOICE or CHANNEL_SMS", "start.channel")
-        session = self.metering.voice.get(party.agency_id, start.session_id)
-        if session is None:
-            state = await self.ctx.store.session(party.agency_id, start.session_id)
-            if state is None or state.client_id != start.client_id:
-                raise FailedPrecondition(
-                    "call Authorize for this session_id first",
-                    "SESSION_NOT_AUTHORIZED",
-                    session_id=start.session_id,
-                )
-            if state.status != "open":
-                self._finish(_final_of(state))
-                return
-            raise FailedPrecondition(
-                "the session is live on another server", "SESSION_NOT_HERE", session_id=start.session_id
-            )
-        if session.client_id != start.client_id:
-            raise FailedPrecondition(
-                "call Authorize for this session_id first",
-                "SESSION_NOT_AUTHORIZED",
-                session_id=start.session_id,
-            )
+        voice = self.metering.voice
+        local = voice.get(party.agency_id, start.session_id)
+        if local is not None and local.client_id != start.client_id:
+            raise _not_authorized(start.session_id)
+        if local is not None and local.final is not None:  # ended here: say how, again
+            self.voice = local
+            voice.attach(local, self.out)
+            return
+        # Claimed on every start, here or on another replica: the call is this replica's now.
+        now = self.ctx.now()
+        settings = self.ctx.settings
+        lease = now + 2 * settings.slice_seconds + settings.grace_seconds
+        state = await self.ctx.store.claim(party.agency_id, start.session_id, start.client_id, now, lease)
+        if state is None:
+            raise _not_authorized(start.session_id)
+        if state.status == "settled":
+            self._finish(_final_of(state))
+            return
+        session = voice.adopt(state, party.voice_rates(state.provider))
         self.voice = session
-        self.metering.voice.attach(session, self.out)
+        if state.status == "expired":  # never answered in time: released, the caller is told
+            session.stream = self.out
+            voice.expire(session)
+            return
+        voice.attach(session, self.out)
 
     async def _sms(self, sms: Sms) -> None:
         session = self.sms
@@ -476,6 +481,12 @@ class UsageStream:
         self.metering.sms_streams.discard(self)
         if self.voice is not None:
             self.metering.voice.detach(self.voice, self.out)
+
+
+def _not_authorized(session_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "call Authorize for this session_id first", "SESSION_NOT_AUTHORIZED", session_id=session_id
+    )
 
 
 def _require_seconds(seconds: int) -> None:

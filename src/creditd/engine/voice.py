@@ -35,8 +35,16 @@ from creditd.engine.context import Context
 from creditd.engine.messages import CutoffMsg, GrantMsg, Message, SummaryMsg, WarningMsg
 from creditd.engine.pricing import parties
 from creditd.engine.scheduler import Scheduled, Scheduler
-from creditd.errors import CreditdError, FailedPrecondition, InvalidArgument, NotFound, StoreUnavailable
-from creditd.store.base import Payer, ReserveRequest, ReserveResult, SettleRequest, SettleResult
+from creditd.errors import CreditdError, InvalidArgument, NotFound, StoreUnavailable
+from creditd.store.base import (
+    Payer,
+    ReserveRequest,
+    ReserveResult,
+    SessionState,
+    SessionTakenOver,
+    SettleRequest,
+    SettleResult,
+)
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 0.5  # a store that did not answer is asked again this much later
@@ -83,6 +91,7 @@ class VoiceSession:
         "client_id",
         "detached_until",
         "direction",
+        "epoch",
         "exhausted",
         "final",
         "granted",
@@ -132,6 +141,7 @@ class VoiceSession:
         self.stop_seconds = 0  # SessionEnd: the seconds used; a cutoff: the seconds billed
         self.final: Message | None = None
         self.timer_gen = 0
+        self.epoch = 1  # this process's claim on the session (see HotStore.claim)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -190,16 +200,45 @@ class VoiceEngine:
             session.stream = stream
             return
         if session.stream is not None and session.stream is not stream:
-            session.stream.put(
-                FailedPrecondition("the session was resumed on another stream", "SESSION_RESUMED_ELSEWHERE")
-            )
+            session.stream.put(SessionTakenOver(session.session_id))
         session.stream = stream
         session.detached_until = None
-        if session.state is State.AUTHORIZED:
-            session.state = State.LIVE
-            session.started_at = self.ctx.now()
         stream.put(session.grant())
         self._reschedule(session)
+
+    def adopt(self, state: SessionState, rates: dict[str, int]) -> VoiceSession:
+        """A session this process has just claimed (SessionStart): its record here, from the
+        store's state (which another replica may have renewed, or authorized). `rates`
+        price a session whose tariffs the store does not hold."""
+        tariffs = {a: Tariff(list(segments)) for a, segments in state.tariffs.items() if segments}
+        if set(tariffs) != set(state.reserved):
+            tariffs = {a: Tariff([(0, rate)]) for a, rate in rates.items()}
+        session = self.sessions.get((state.agency_id, state.session_id))
+        if session is None:
+            session = VoiceSession(
+                state.session_id,
+                state.client_id,
+                state.agency_id,
+                Direction(state.direction),
+                state.provider,
+                tariffs,
+                state.granted_seconds,
+                state.authorized_until,
+            )
+            self.sessions[session.key] = session
+        elif session.stop_reason is DenyReason.SESSION_ABANDONED and not session.started_at:
+            # The call was answered just as its authorization expired here: the claim came
+            # first, so the call goes on (the release, if in flight, is stale).
+            session.stop_reason = None
+            session.state = State.AUTHORIZED
+        if not session.busy:
+            session.tariffs = tariffs
+            session.granted = state.granted_seconds
+        session.epoch = state.epoch
+        if state.started_at and session.stop_reason is None:
+            session.state = State.LIVE
+            session.started_at = state.started_at
+        return session
 
     def detach(self, session: VoiceSession, stream: Outbox) -> None:
         """The stream ended without SessionEnd: hold the session for the grace period."""
@@ -224,6 +263,10 @@ class VoiceEngine:
     def interrupt(self, session: VoiceSession, reason: DenyReason) -> None:
         """Cut the call now (an operator suspended a subscription or lowered a limit)."""
         self._stop(session, reason, session.elapsed_seconds(self.ctx.now()))
+
+    def expire(self, session: VoiceSession) -> None:
+        """Release an authorization that was never answered in time."""
+        self._stop(session, DenyReason.SESSION_ABANDONED, 0)
 
     def credit_arrived(self, session: VoiceSession) -> None:
         """A payer was credited (or a limit raised): a call on its final grant may renew."""
@@ -279,7 +322,7 @@ class VoiceEngine:
                 self._queue_settle(session)  # a settlement the store could not take yet
             elif session.state is State.AUTHORIZED:
                 if now >= session.authorized_until:
-                    self._stop(session, DenyReason.SESSION_ABANDONED, 0)
+                    self.expire(session)
                 else:
                     self._reschedule(session)
             elif session.state is State.LIVE:
@@ -350,7 +393,10 @@ class VoiceEngine:
             log.warning("renewals failed: %s", exc)
             results = [StoreUnavailable(str(exc))] * len(requests)
         for (session, party), request, result in zip(sessions, requests, results, strict=True):
-            if isinstance(result, Exception):
+            if isinstance(result, SessionTakenOver):
+                session.busy = False
+                self._taken_over(session, request.epoch)
+            elif isinstance(result, Exception):
                 log.warning("renewal of %s failed: %s", session.session_id, result)
                 self._renewed(session, None, DenyReason.SERVICE_UNAVAILABLE)
             elif result.granted_seconds < request.want_seconds:
@@ -377,6 +423,7 @@ class VoiceEngine:
             payers=tuple(Payer(a, t.terms(session.granted)) for a, t in session.tariffs.items()),
             now=now,
             lease_until=now + 2 * settings.slice_seconds + settings.grace_seconds,
+            epoch=session.epoch,
         )
         return request, party
 
@@ -437,6 +484,7 @@ class VoiceEngine:
                     costs={a: t.cost(billed) for a, t in session.tariffs.items()},
                     now=now,
                     cutoff_reason=int(session.stop_reason or DenyReason.NONE),
+                    epoch=session.epoch,
                 )
             )
         try:
@@ -445,10 +493,12 @@ class VoiceEngine:
             log.warning("settlements failed: %s", exc)
             results = [StoreUnavailable(str(exc))] * len(requests)
         lost: list[VoiceSession] = []
-        for session, result in zip(batch, results, strict=True):
+        for session, request, result in zip(batch, requests, results, strict=True):
             session.busy = False
             if isinstance(result, SettleResult):
                 self._settled(session, result)
+            elif isinstance(result, SessionTakenOver):
+                self._taken_over(session, request.epoch)
             elif isinstance(result, NotFound):
                 lost.append(session)
             else:
@@ -501,6 +551,19 @@ class VoiceEngine:
         self.sessions.pop(session.key, None)
         self._ended.set()
         self._balance_changed(session)
+
+    def _taken_over(self, session: VoiceSession, epoch: int) -> None:
+        """A renewal or settlement sent at `epoch` was refused: the session has a newer owner."""
+        if session.epoch > epoch:  # this process claimed it again meanwhile: carry on
+            self._after_operation(session)
+            return
+        log.info("session %s is served by another replica now", session.session_id)
+        session.send(SessionTakenOver(session.session_id))
+        session.state = State.SETTLED
+        session.stream = None
+        self.scheduler.cancel(session)
+        self.sessions.pop(session.key, None)
+        self._ended.set()
 
     def _after_operation(self, session: VoiceSession) -> None:
         if session.stop_reason is not None:

@@ -3,7 +3,18 @@
 Each method is one atomic unit: the embedded store runs it without yielding to the event
 loop, the Redis store runs it as one Lua script. Every balance change appends the ledger
 entries, events and session states it implies to the store's outbox in the same atomic
-step; a flusher moves them to the database in batches (see creditd.store.flusher).
+step; a flusher moves them to the database in batches (see creditd.engine.durability).
+
+Sessions are owned through the store, not by a process: every SessionStart claims the
+session (`claim`), which raises its epoch; renewals and settlements carry the epoch of
+the owner that sends them, and one whose epoch is no longer the session's fails with
+SessionTakenOver, having changed nothing. So any replica can serve any call, and a
+replica that lost a call to another can no longer renew or settle it.
+
+A store that lost what it held (Redis restarted empty, a cluster shard came back empty)
+never answers as if an account or a session did not exist: each agency's state carries a
+marker, and an operation that finds neither the marker nor what it needs raises
+StoreUnavailable until the state is rebuilt from the database.
 """
 
 from __future__ import annotations
@@ -16,7 +27,24 @@ from dataclasses import dataclass, field
 from creditd.domain.records import BalanceType, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
-from creditd.errors import CreditdError, FailedPrecondition
+from creditd.errors import CreditdError, FailedPrecondition, StoreUnavailable
+
+
+class SessionTakenOver(FailedPrecondition):
+    """Another replica claimed the session since this one did: it serves the call now."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            "the session was resumed on another stream", "SESSION_RESUMED_ELSEWHERE", session_id=session_id
+        )
+
+
+def lost(agency_id: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        "the hot store lost this agency's state and it is being rebuilt; try again",
+        state="rebuilding",
+        agency_id=agency_id,
+    )
 
 
 @dataclass(slots=True)
@@ -36,6 +64,7 @@ class SessionOpen:
     direction: int
     provider: str
     max_concurrent: int  # 0: no cap
+    authorized_until: float  # when the authorization is released if no SessionStart came
 
 
 @dataclass(slots=True)
@@ -50,6 +79,7 @@ class ReserveRequest:
     # included) any replica may settle the session at everything it was granted.
     lease_until: float
     open: SessionOpen | None = None
+    epoch: int = 0  # a renewal: the epoch of the owner that sends it
 
 
 @dataclass(slots=True)
@@ -70,6 +100,7 @@ class SettleRequest:
     costs: dict[str, int]  # account id -> micro-credits owed for billed_seconds
     now: float
     cutoff_reason: int = 0
+    epoch: int = 0  # the settling owner's; 0: whoever owns it (the rebuild, an expired lease)
 
 
 @dataclass(slots=True)
@@ -120,23 +151,47 @@ class SessionState:
     channel: int
     direction: int
     provider: str
-    status: str  # "open" or "settled"
+    status: str  # "open" or "settled"; what claim returns may also be "expired"
     granted_seconds: int
     reserved: dict[str, int]
     expires_at: float  # the lease: see ReserveRequest.lease_until
     billed_seconds: int = 0
     charged: dict[str, int] = field(default_factory=dict)
     cutoff_reason: int = 0
+    epoch: int = 1
+    authorized_until: float = 0.0
+    started_at: float = 0.0  # wall time of the first SessionStart; 0: not answered yet
+    tariffs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # payer -> (start, rate)...
 
 
 class HotStore(abc.ABC):
     """Balances and live reservations, shared by every replica that uses the same store."""
 
+    # Agencies an operation found without their state (the store lost its data); the
+    # health monitor has them rebuilt.
+    lost: set[str]
+    # Whether the store can lose the state of some agencies alone (a Redis Cluster's shard):
+    # then the health monitor checks every agency's marker, not only the whole store's.
+    sharded: bool = False
+
+    def __init__(self) -> None:
+        self.lost = set()
+
     @abc.abstractmethod
     async def configure_wallet(
-        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+        self,
+        agency_id: str,
+        account_id: str,
+        balance_type: BalanceType,
+        config: WalletConfig,
+        now: float,
+        *,
+        new_agency: bool = False,
     ) -> list[Record]:
-        """Create the wallet or change its configuration. Returns records of a new period."""
+        """Create the wallet or change its configuration. Returns records of a new period.
+
+        `new_agency`: the wallet is the first of an agency being created, which marks the
+        agency's state present; otherwise the agency must be there (StoreUnavailable)."""
 
     @abc.abstractmethod
     async def read_wallet(
@@ -184,6 +239,17 @@ class HotStore(abc.ABC):
         """Credit a durable top-up entry. Applying the same entry again changes nothing."""
 
     @abc.abstractmethod
+    async def claim(
+        self, agency_id: str, session_id: str, client_id: str, now: float, lease_until: float
+    ) -> SessionState | None:
+        """Serve the voice session from the caller (its epoch goes up; see the module doc).
+
+        Returns the claimed session (status "open", with the new epoch and when it was
+        answered: `now` on the first claim); a settled one as it is; status "expired" for
+        an authorization never answered whose time is up (it is to be released, at its
+        epoch); None if the client has no such session."""
+
+    @abc.abstractmethod
     async def session(self, agency_id: str, session_id: str) -> SessionState | None: ...
 
     @abc.abstractmethod
@@ -215,6 +281,11 @@ class HotStore(abc.ABC):
         `applied_topups` are the (agency id, entry id) of the top-ups the wallets already
         include, so that a retried Topup does not credit them a second time.
         """
+
+    async def agencies_present(self, agency_ids: Sequence[str]) -> set[str]:
+        """Those of the agencies whose state the store holds (a store that lost its data, or
+        a cluster shard that came back empty, holds none of its agencies)."""
+        return set(agency_ids)
 
     async def ping(self) -> bool | None:
         """Raise StoreUnavailable if unreachable; False if the store lost what it held."""

@@ -23,6 +23,7 @@ from creditd.domain.records import (
     SessionRecord,
     new_id,
 )
+from creditd.domain.tariff import price_from
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState, new_wallet
 from creditd.errors import FailedPrecondition, NotFound
 from creditd.store.base import (
@@ -30,6 +31,7 @@ from creditd.store.base import (
     ReserveRequest,
     ReserveResult,
     SessionState,
+    SessionTakenOver,
     SettleRequest,
     SettleResult,
     SmsDebitRequest,
@@ -43,6 +45,7 @@ RETENTION_SECONDS = 24 * 3600
 
 class EmbeddedHotStore(HotStore):
     def __init__(self, retention_seconds: float = RETENTION_SECONDS) -> None:
+        super().__init__()
         self._retention = retention_seconds
         # (kind, (agency or client, id)) -> when finished
         self._finished: OrderedDict[tuple[str, tuple[str, str]], float] = OrderedDict()
@@ -105,7 +108,14 @@ class EmbeddedHotStore(HotStore):
     # -- configuration and reads -------------------------------------------------------
 
     async def configure_wallet(
-        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+        self,
+        agency_id: str,
+        account_id: str,
+        balance_type: BalanceType,
+        config: WalletConfig,
+        now: float,
+        *,
+        new_agency: bool = False,
     ) -> list[Record]:
         wallet = self._wallets.get((account_id, balance_type))
         if wallet is None:
@@ -148,6 +158,8 @@ class EmbeddedHotStore(HotStore):
                 return ReserveResult(0, 0, None, concurrency_denied=True)
         elif state is None or state.status != "open":
             raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
+        elif state.epoch != request.epoch:
+            raise SessionTakenOver(request.session_id)
 
         wallets = [self._wallet(p.account_id, request.balance_type, request.now) for p in request.payers]
         granted = state.granted_seconds if state else 0
@@ -192,8 +204,18 @@ class EmbeddedHotStore(HotStore):
                 granted_seconds=0,
                 reserved={},
                 expires_at=request.lease_until,
+                authorized_until=request.open.authorized_until,
             )
-        state = replace(state, granted_seconds=granted + seconds, reserved=reserved, expires_at=request.lease_until)
+        tariffs = {account: list(segments) for account, segments in state.tariffs.items()}
+        for payer in request.payers:
+            price_from(tariffs.setdefault(payer.account_id, []), granted, payer.terms.rate)
+        state = replace(
+            state,
+            granted_seconds=granted + seconds,
+            reserved=reserved,
+            expires_at=request.lease_until,
+            tariffs=tariffs,
+        )
         self._sessions[(request.agency_id, request.session_id)] = state
         self._live.setdefault(state.client_id, set()).add(state.session_id)
         self._emit([self._session_record(state, request.now)])
@@ -205,6 +227,8 @@ class EmbeddedHotStore(HotStore):
             raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
         if state.status == "settled":
             return SettleResult(state.billed_seconds, dict(state.charged), True, state.cutoff_reason)
+        if request.epoch and request.epoch != state.epoch:
+            raise SessionTakenOver(request.session_id)
         # Every check before the first change, so a failure leaves everything as it was.
         for account_id, reserved in state.reserved.items():
             held = self._wallets.get((account_id, BalanceType.VOICE))
@@ -235,6 +259,25 @@ class EmbeddedHotStore(HotStore):
         self._retire("session", (state.agency_id, state.session_id), request.now)
         self._emit([self._session_record(state, request.now)])
         return SettleResult(request.billed_seconds, charged, False, request.cutoff_reason)
+
+    async def claim(
+        self, agency_id: str, session_id: str, client_id: str, now: float, lease_until: float
+    ) -> SessionState | None:
+        state = self._sessions.get((agency_id, session_id))
+        if state is None or state.channel != 1 or state.client_id != client_id:
+            return None
+        if state.status == "settled":
+            return state
+        if not state.started_at and now > state.authorized_until:
+            return replace(state, status="expired")
+        state = replace(
+            state,
+            epoch=state.epoch + 1,
+            started_at=state.started_at or now,
+            expires_at=max(state.expires_at, lease_until),
+        )
+        self._sessions[(agency_id, session_id)] = state
+        return state
 
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:
         key = (request.client_id, request.message_id)

@@ -16,6 +16,7 @@ clients carries the hash tag {agency}, so a script touches one Redis Cluster slo
     P{a}:cc:<client>                  set    ids of the client's open voice sessions
     P{a}:sms:<client>:<message id>    hash   the result of an allowed SMS debit, and its parameters
     P{a}:outbox                       stream records for the database, field "r": JSON
+    P{a}:m                            string the agency's state is here (see "Loss" below)
     Pagencies                         set    agencies with state (no hash tag, see below)
     Ploaded                           string set by load(); ping() answers False without it
 
@@ -38,6 +39,14 @@ slot), so `take_records` reads the streams of
 Several replicas may take the same records; the database writes them idempotently by id.
 Record ids are a prefix per call (random per process, then a count) plus a counter ("<prefix>-1", "<prefix>-2", ...).
 An outbox id is "<agency>/<stream entry id>".
+
+Loss: Redis without persistence comes back empty after a restart, and a Redis Cluster
+shard can come back empty alone. Each agency's marker P{a}:m is set when the agency is
+created and by load(), last. A script that does not find what it needs (a wallet, a
+session) is answered NOT_FOUND only while the agency's marker is there; without it, the
+agency's state was lost: StoreUnavailable (retryable), the agency is added to `lost`, and
+the replicas rebuild it from the database (creditd.engine.durability). A configuration
+of an existing agency needs its marker too, so a loss is never filled in with half a state.
 
 Differences from the embedded store, all deliberate:
   * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
@@ -67,6 +76,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -96,10 +106,12 @@ from creditd.store.base import (
     ReserveRequest,
     ReserveResult,
     SessionState,
+    SessionTakenOver,
     SettleRequest,
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
+    lost,
     message_id_reused,
 )
 from creditd.store.batch import Call, ScriptBatcher
@@ -115,9 +127,19 @@ from creditd.store.redis_client import (
 )
 from creditd.store.resp import ReplyError, RespConnection, supports
 
+log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
-SCRIPTS = ("configure_wallet", "read_wallet", "reserve", "settle", "debit_sms", "apply_topup", "append_records")
+SCRIPTS = (
+    "configure_wallet",
+    "read_wallet",
+    "reserve",
+    "settle",
+    "claim",
+    "debit_sms",
+    "apply_topup",
+    "append_records",
+)
 DEFAULT_PREFIX = "creditd:"
 _ATTEMPTS = 5  # a call is repeated after BOUNDS or MISSING, which add what it lacked
 REBUILD_LOCK_MS = 60_000  # longer than any rebuild; a dead holder frees it
@@ -147,9 +169,11 @@ class RedisHotStore(HotStore):
         cluster: bool = False,
         **redis_options: Any,
     ) -> None:
+        super().__init__()
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (they make Redis Cluster hash tags)")
         self._redis = connect(url, cluster=cluster, **redis_options)
+        self.sharded = cluster
         self._prefix = prefix
         self._registry = f"{prefix}agencies"
         self._marker = f"{prefix}loaded"
@@ -194,6 +218,30 @@ class RedisHotStore(HotStore):
 
     def _outbox_key(self, agency_id: str) -> str:
         return f"{self._tag(agency_id)}outbox"
+
+    def _agency_marker(self, agency_id: str) -> str:
+        return f"{self._tag(agency_id)}m"
+
+    async def agencies_present(self, agency_ids: Sequence[str]) -> set[str]:
+        """Those of the agencies whose state this store holds (see the markers, module doc)."""
+        keys = [self._agency_marker(a) for a in agency_ids]
+        replies = await pipelined(self._redis, [Routed(key, ("EXISTS", key)) for key in keys])
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            raise errors[0]
+        return {a for a, reply in zip(agency_ids, replies, strict=True) if reply}
+
+    async def _missing(self, agency_id: str, error: CreditdError) -> CreditdError:
+        """`error` for something the script did not find, unless the agency's whole state is
+        gone (the store lost its data): then StoreUnavailable, never a NOT_FOUND."""
+        with redis_errors():
+            present = await self._redis.exists(self._agency_marker(agency_id))
+        if not present:
+            if agency_id not in self.lost:
+                log.warning("the hot store holds no state of agency %s: it lost its data, to be rebuilt", agency_id)
+            self.lost.add(agency_id)
+            return lost(agency_id)
+        return error
 
     # -- calling scripts -------------------------------------------------------------------
 
@@ -301,13 +349,33 @@ class RedisHotStore(HotStore):
                         await self._redis.delete(self._rebuild_lock)
 
     async def configure_wallet(
-        self, agency_id: str, account_id: str, balance_type: BalanceType, config: WalletConfig, now: float
+        self,
+        agency_id: str,
+        account_id: str,
+        balance_type: BalanceType,
+        config: WalletConfig,
+        now: float,
+        *,
+        new_agency: bool = False,
     ) -> list[Record]:
         with redis_errors():
             await self._redis.sadd(self._registry, agency_id)
-        keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
-        args = [*self._common(now, [config.anchor_day]), account_id, int(balance_type), *_config_values(config)]
+        keys = [
+            self._wallet_key(agency_id, account_id, balance_type),
+            self._outbox_key(agency_id),
+            self._agency_marker(agency_id),
+        ]
+        args = [
+            *self._common(now, [config.anchor_day]),
+            account_id,
+            int(balance_type),
+            int(new_agency),
+            *_config_values(config),
+        ]
         reply = await self._eval("configure_wallet", agency_id, keys, args)
+        if reply[0] == "LOST":
+            self.lost.add(agency_id)
+            raise lost(agency_id)
         self._anchors[account_id] = config.anchor_day
         return [decode_record(text) for text in reply[1:]]
 
@@ -317,6 +385,8 @@ class RedisHotStore(HotStore):
         keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
         reply = await self._eval_rolling("read_wallet", agency_id, keys, [account_id], now, [])
         if reply[0] == "NONE":
+            if (await self._missing(agency_id, NotFound("no wallet"))).code == "UNAVAILABLE":
+                raise lost(agency_id)
             return None
         return self._wallet_reply(reply, 1)
 
@@ -369,6 +439,7 @@ class RedisHotStore(HotStore):
             agency_id,
             request.want_seconds,
             repr(float(request.lease_until)),
+            request.epoch,
             len(request.payers),
         ]
         for payer in request.payers:
@@ -385,6 +456,7 @@ class RedisHotStore(HotStore):
                 opening.direction,
                 opening.provider,
                 opening.max_concurrent,
+                repr(float(opening.authorized_until)),
             ]
         reply = await self._eval_rolling("reserve", agency_id, keys, accounts, request.now, args)
         status = reply[0]
@@ -399,11 +471,38 @@ class RedisHotStore(HotStore):
             )
         if status == "CONC":
             return ReserveResult(0, 0, None, concurrency_denied=True)
+        if status == "STALE":
+            raise SessionTakenOver(request.session_id)
         if status == "NOTOPEN":
-            raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
+            not_open = FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
+            raise await self._missing(agency_id, not_open)
         if status == "NOTFOUND":
-            raise _no_wallet(request.balance_type, reply[1])
+            raise await self._missing(agency_id, _no_wallet(request.balance_type, reply[1]))
         raise RuntimeError(f"reserve: unexpected reply {reply!r}")
+
+    async def claim(
+        self, agency_id: str, session_id: str, client_id: str, now: float, lease_until: float
+    ) -> SessionState | None:
+        key = self._session_key(agency_id, session_id)
+        args = [*self._common(now, ()), client_id, repr(float(lease_until))]
+        reply = await self._eval("claim", agency_id, [key], args)
+        status = reply[0]
+        if status in ("OK", "DONE", "EXPIRED"):
+            with redis_errors():
+                raw = cast(dict[str, str], await self._redis.hgetall(key))
+            if not raw:  # settled and expired since (it kept only for a day)
+                return None
+            state = _session_from(raw)
+            if status == "EXPIRED":
+                state.status = "expired"
+            return state
+        if status == "NOSESSION":
+            if (await self._missing(agency_id, NotFound("no session"))).code == "UNAVAILABLE":
+                raise lost(agency_id)
+            return None
+        if status == "NOTYOURS":
+            return None
+        raise RuntimeError(f"claim: unexpected reply {reply!r}")
 
     async def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveResult | CreditdError]:
         """All at once: their scripts leave in one pipeline (see ScriptBatcher)."""
@@ -430,6 +529,7 @@ class RedisHotStore(HotStore):
             args = [
                 *self._common(request.now, self._anchor_days(accounts)),
                 request.session_id,
+                request.epoch,
                 request.billed_seconds,
                 request.cutoff_reason,
                 self._settled_ttl,
@@ -450,10 +550,13 @@ class RedisHotStore(HotStore):
             elif status == "MISSING":
                 accounts += [a for a in reply[1].split(",") if a and a not in accounts]
                 clients += [c for c in reply[2].split(",") if c and c not in clients]
+            elif status == "STALE":
+                raise SessionTakenOver(request.session_id)
             elif status == "NOSESSION":
-                raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
+                no_session = NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
+                raise await self._missing(agency_id, no_session)
             elif status == "NOTFOUND":
-                raise _no_wallet(BalanceType.VOICE, reply[1])
+                raise await self._missing(agency_id, _no_wallet(BalanceType.VOICE, reply[1]))
             elif status == "VALUE":
                 raise ValueError(reply[1])
             else:
@@ -490,7 +593,7 @@ class RedisHotStore(HotStore):
         if status == "REUSED":
             raise message_id_reused(request)
         if status == "NOTFOUND":
-            raise _no_wallet(BalanceType.SMS, reply[1])
+            raise await self._missing(agency_id, _no_wallet(BalanceType.SMS, reply[1]))
         if status == "VALUE":
             raise ValueError(reply[1])
         raise RuntimeError(f"debit_sms: unexpected reply {reply!r}")
@@ -504,7 +607,7 @@ class RedisHotStore(HotStore):
         args: list[str | int] = [entry.entry_id, entry.free_micros, entry.purchased_micros]
         reply = await self._eval_rolling("apply_topup", agency_id, keys, [entry.account_id], now, args)
         if reply[0] == "NOTFOUND":
-            raise _no_wallet(entry.balance_type, entry.account_id)
+            raise await self._missing(agency_id, _no_wallet(entry.balance_type, entry.account_id))
         return self._wallet_reply(reply, 1)
 
     async def append_records(self, agency_id: str, records: list[Record]) -> None:
@@ -614,7 +717,9 @@ class RedisHotStore(HotStore):
                 entry_ids = topups.get(agency_id, [])
                 for i in range(0, len(entry_ids), _BATCH):
                     pipe.sadd(self._topups_key(agency_id), *entry_ids[i : i + _BATCH])
+                pipe.set(self._agency_marker(agency_id), "1")  # last: the agency is whole again
                 await pipe.execute()
+                self.lost.discard(agency_id)
             if agencies:
                 await self._redis.sadd(self._registry, *agencies)
             await self._redis.set(self._marker, repr(time.time()))
@@ -738,10 +843,22 @@ def _session_mapping(state: SessionState) -> dict[EncodableT, EncodableT]:
         "cut": state.cutoff_reason,
         "rp": ",".join(state.reserved),
         "cp": ",".join(state.charged),
+        "ep": state.epoch,
+        "ax": repr(float(state.authorized_until)),
+        "sa": repr(float(state.started_at)) if state.started_at else "0",
     }
     mapping.update({f"r:{account}": micros for account, micros in state.reserved.items()})
     mapping.update({f"c:{account}": micros for account, micros in state.charged.items()})
+    mapping.update({f"t:{account}": _tariff_text(segments) for account, segments in state.tariffs.items()})
     return mapping
+
+
+def _tariff_text(segments: list[tuple[int, int]]) -> str:
+    return ",".join(f"{start}:{rate}" for start, rate in segments)
+
+
+def _tariff_from(text: str) -> list[tuple[int, int]]:
+    return [(int(start), int(rate)) for start, _, rate in (s.partition(":") for s in text.split(",") if s)]
 
 
 def _session_from(raw: dict[str, str]) -> SessionState:
@@ -761,6 +878,10 @@ def _session_from(raw: dict[str, str]) -> SessionState:
         billed_seconds=int(raw["bil"]),
         charged={account: int(raw[f"c:{account}"]) for account in charged},
         cutoff_reason=int(raw["cut"]),
+        epoch=int(raw.get("ep", 1)),
+        authorized_until=float(raw.get("ax", 0)),
+        started_at=float(raw.get("sa", 0)),
+        tariffs={account: _tariff_from(raw[f"t:{account}"]) for account in payers if raw.get(f"t:{account}")},
     )
 
 

@@ -189,9 +189,11 @@ local function session_record(s)
 end
 
 -- -- sessions ----------------------------------------------------------------------------
--- Hash fields: id agency client ch dir prov st gr exp bil cut, rp (payers in order,
--- comma-separated account ids) with r:<account> reserved micros, cp (charged accounts
--- in order) with c:<account> charged micros.
+-- Hash fields: id agency client ch dir prov st gr exp bil cut, ep (epoch: the session's
+-- owner changes with it, see claim), ax (authorized until), sa (started at, 0 before the
+-- first SessionStart), rp (payers in order, comma-separated account ids) with
+-- r:<account> reserved micros and t:<account> the payer's tariff ("start:rate,..."), cp
+-- (charged accounts in order) with c:<account> charged micros.
 
 local function load_session(key)
   local raw = hgetall(key)
@@ -202,9 +204,11 @@ local function load_session(key)
     id = raw.id, agency = raw.agency, client = raw.client, prov = raw.prov, st = raw.st, exp = raw.exp,
     ch = tonumber(raw.ch), dir = tonumber(raw.dir), gr = tonumber(raw.gr), bil = tonumber(raw.bil),
     cut = tonumber(raw.cut), payers = split(raw.rp), reserved = {}, charged_order = split(raw.cp), charged = {},
+    ep = tonumber(raw.ep or '1'), ax = raw.ax or '0', sa = raw.sa or '0', tariffs = {},
   }
   for _, account in ipairs(s.payers) do
     s.reserved[account] = tonumber(raw['r:' .. account])
+    s.tariffs[account] = raw['t:' .. account] or ''
   end
   for _, account in ipairs(s.charged_order) do
     s.charged[account] = tonumber(raw['c:' .. account])
@@ -219,6 +223,7 @@ local function save_session(key, s, part)
     fields = {
       'id', s.id, 'agency', s.agency, 'client', s.client, 'ch', fmt(s.ch), 'dir', fmt(s.dir), 'prov', s.prov,
       'st', s.st, 'bil', fmt(s.bil), 'cut', fmt(s.cut), 'cp', table.concat(s.charged_order, ','),
+      'ep', fmt(s.ep), 'ax', s.ax, 'sa', s.sa,
     }
   else
     fields = {}
@@ -233,6 +238,8 @@ local function save_session(key, s, part)
     for _, account in ipairs(s.payers) do
       fields[#fields + 1] = 'r:' .. account
       fields[#fields + 1] = fmt(s.reserved[account])
+      fields[#fields + 1] = 't:' .. account
+      fields[#fields + 1] = s.tariffs[account]
     end
   end
   if part == 'settle' then
@@ -243,6 +250,25 @@ local function save_session(key, s, part)
     end
   end
   redis.call('HSET', key, unpack(fields))
+end
+
+-- Tariff.price_from: charge `rate` from second `granted` on. A tariff is "start:rate,...".
+local function price_from(tariff, granted, rate)
+  local segments = split(tariff)
+  local last = segments[#segments]
+  if last ~= nil then
+    local start, last_rate = string.match(last, '^(%d+):(%d+)$')
+    if tonumber(start) == granted then
+      segments[#segments] = nil -- it priced no second yet: replace it
+      last = segments[#segments]
+      last_rate = last and string.match(last, ':(%d+)$')
+    end
+    if last ~= nil and tonumber(last_rate) == rate then
+      return table.concat(segments, ',')
+    end
+  end
+  segments[#segments + 1] = fmt(granted) .. ':' .. fmt(rate)
+  return table.concat(segments, ',')
 end
 
 -- Reply items for an ordered account -> micros map: count, then account, micros pairs.

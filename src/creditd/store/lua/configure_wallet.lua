@@ -1,10 +1,17 @@
 -- configure_wallet: create the wallet, or change its configuration (then roll the period).
--- KEYS: wallet, outbox.
+-- KEYS: wallet, outbox, the agency's marker.
 -- ARGV: common (the bounds of now's period for the new anchor day), account, balance type,
--- then the configuration: hw fa ul ad rf re rt ra rg rm lb.
--- Reply: {'OK', records...} (records: the JSON the outbox received).
-local wallet_key, outbox = KEYS[1], KEYS[2]
-local account, bt = arg(), narg()
+-- new agency (1: this creates the agency, whose marker it sets; 0: the agency must be
+-- there), then the configuration: hw fa ul ad rf re rt ra rg rm lb.
+-- Reply: {'LOST'} (the agency's state is gone: the store lost its data) | {'OK', records...}
+-- (records: the JSON the outbox received).
+local wallet_key, outbox, marker = KEYS[1], KEYS[2], KEYS[3]
+local account, bt, new_agency = arg(), narg(), narg()
+if new_agency == 1 then
+  redis.call('SET', marker, '1')
+elseif redis.call('EXISTS', marker) == 0 then
+  return {'LOST'}
+end
 local config = {}
 for _, field in ipairs({'hw', 'fa', 'ul', 'ad', 'rf', 're', 'rt', 'ra', 'rg', 'rm', 'lb'}) do
   config[field] = narg()

@@ -3,14 +3,18 @@
 -- KEYS: session, outbox, live sessions of the agency, the payers' wallets (in payer
 -- order), then, when opening, the client's set of open voice sessions.
 -- ARGV: common, session id, agency id, want seconds, lease until (the session's
--- expires_at once something is reserved), payer count, then per payer (account, rate,
--- carry, offset) (SliceTerms), then opening (0 | 1) and, when 1: client, channel,
--- direction, provider, max concurrent.
--- Reply: {'CONC'} | {'NOTOPEN'} | {'NOTFOUND', account} | {'BOUNDS', account, anchor...}
+-- expires_at once something is reserved), epoch (a renewal: the owner's; 0 when
+-- opening), payer count, then per payer (account, rate, carry, offset) (SliceTerms),
+-- then opening (0 | 1) and, when 1: client, channel, direction, provider, max
+-- concurrent, authorized until.
+-- Reply: {'CONC'} | {'NOTOPEN'} | {'STALE'} | {'NOTFOUND', account}
+-- | {'BOUNDS', account, anchor...}
 -- | {'OK', granted, total granted, headroom seconds | '', limited account | '',
 --    limited constraint | '', reserved count, account, micros...}.
+-- A renewal by an owner whose epoch is not the session's (another replica took the
+-- session over, see claim) is STALE and changes nothing.
 local session_key, outbox, live = KEYS[1], KEYS[2], KEYS[3]
-local session_id, agency_id, want, lease_until = arg(), arg(), narg(), arg()
+local session_id, agency_id, want, lease_until, epoch = arg(), arg(), narg(), arg(), narg()
 local payers = {}
 for i = 1, narg() do
   payers[i] = {account = arg(), rate = narg(), carry = narg(), offset = narg(), key = KEYS[3 + i]}
@@ -18,7 +22,7 @@ end
 local opening = narg() == 1
 local open = nil
 if opening then
-  open = {client = arg(), ch = narg(), dir = narg(), prov = arg(), cap = narg()}
+  open = {client = arg(), ch = narg(), dir = narg(), prov = arg(), cap = narg(), ax = arg()}
   open.key = KEYS[4 + #payers]
 end
 
@@ -32,6 +36,8 @@ if opening then
   end
 elseif s == nil or s.st ~= 'open' then
   return {'NOTOPEN'}
+elseif s.ep ~= epoch then
+  return {'STALE'}
 end
 
 local wallets = {}
@@ -97,7 +103,7 @@ if s == nil then
   s = {
     id = session_id, agency = agency_id, client = open.client, ch = open.ch, dir = open.dir, prov = open.prov,
     st = 'open', gr = 0, exp = lease_until, bil = 0, cut = 0, payers = {}, reserved = {}, charged_order = {},
-    charged = {},
+    charged = {}, ep = 1, ax = open.ax, sa = '0', tariffs = {},
   }
 end
 for i, payer in ipairs(payers) do
@@ -110,6 +116,7 @@ for i, payer in ipairs(payers) do
     s.reserved[payer.account] = 0
   end
   s.reserved[payer.account] = s.reserved[payer.account] + micros
+  s.tariffs[payer.account] = price_from(s.tariffs[payer.account] or '', granted, payer.rate)
   alerts(w, before)
 end
 s.gr = granted + seconds

@@ -4,14 +4,14 @@
 -- Which wallets and client a session needs is stored in the session itself; the caller
 -- passes its best guess (the payers of `costs`), and the script answers MISSING, having
 -- written nothing, if the session needs a key that was not declared.
--- ARGV: common, session id, billed seconds, cutoff reason, ttl seconds of the settled
--- session (0: none), wallet count, accounts..., client count, clients..., cost count,
--- (account, micros)...
--- Reply: {'NOSESSION'} | {'DONE', billed, cutoff, charged count, account, micros...}
+-- ARGV: common, session id, epoch (the settling owner's; 0: whoever owns it, for the
+-- rebuild), billed seconds, cutoff reason, ttl seconds of the settled session (0: none),
+-- wallet count, accounts..., client count, clients..., cost count, (account, micros)...
+-- Reply: {'NOSESSION'} | {'STALE'} | {'DONE', billed, cutoff, charged count, account, micros...}
 -- | {'MISSING', accounts (comma-separated), clients} | {'NOTFOUND', account}
 -- | {'BOUNDS', account, anchor...} | {'VALUE', message} | {'OK', charged count, account, micros...}.
 local session_key, outbox, live = KEYS[1], KEYS[2], KEYS[3]
-local session_id, billed, cutoff, ttl = arg(), narg(), narg(), narg()
+local session_id, epoch, billed, cutoff, ttl = arg(), narg(), narg(), narg(), narg()
 local wallet_keys, client_keys = {}, {}
 local k = 4
 for _ = 1, narg() do
@@ -34,6 +34,9 @@ if s == nil then
 end
 if s.st == 'settled' then
   return map_reply({'DONE', fmt(s.bil), fmt(s.cut)}, s.charged_order, s.charged)
+end
+if epoch ~= 0 and s.ep ~= epoch then
+  return {'STALE'}
 end
 
 local missing_accounts, missing_clients = {}, {}
