@@ -90,7 +90,8 @@ async def make_store(settings: Settings) -> tuple[HotStore, LocalBus]:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
-        ("grpc.so_reuseport", 0),
+        # Off unless asked for: a second server on a taken port must fail, not share it.
+        ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),

@@ -11,7 +11,7 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-from creditd import __version__, logs
+from creditd import __version__, gc_tuning, logs, workers
 from creditd.app import App, migrate
 from creditd.config import InvalidSettings, Settings, default_text, flag, from_env, variable
 from creditd.maintenance import run_rebuild, run_reconcile
@@ -70,6 +70,7 @@ log = logging.getLogger("creditd.cli")
 async def _serve(settings: Settings) -> None:
     app = App(settings)
     await app.start()
+    gc_tuning.tune()
     store = f"redis ({shown(settings.redis_url)})" if settings.redis_url else "embedded"
     print(f"creditd {__version__} listening on {app.address}", flush=True)
     print(f"database: {shown(settings.database_url)}; hot store: {store}", flush=True)
@@ -139,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 2)
     logs.setup(settings.log_level, settings.log_format)
     try:
-        code = COMMANDS[args.command](settings)
+        if args.command == "serve" and settings.workers > 1:
+            preflight(settings)
+            # The same command line for each worker, made one process (the last flag wins).
+            code = workers.run(settings, [*(sys.argv[1:] if argv is None else argv), "--workers", "1"])
+        else:
+            code = COMMANDS[args.command](settings)
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:

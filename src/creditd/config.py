@@ -117,6 +117,10 @@ class Settings(BaseSettings):
 
     # Server and stores
     listen: str = Field(DEFAULT_LISTEN, description="gRPC address, host:port (port 0: any free port)")
+    workers: int = Field(
+        1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT), each a full replica"
+    )
+    reuse_port: bool = Field(False, description="listen with SO_REUSEPORT, beside other processes (set by --workers)")
     database_url: str = Field(
         default_factory=default_database_url,
         description="SQLAlchemy URL of the durable store: postgresql+psycopg://user@host/db in production; "
@@ -214,6 +218,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _together(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"{variable('workers')} > 1 needs {variable('redis_url')} and a database the processes share: "
+                "the embedded hot store lives in one process"
+            )
+        if self.workers > 1 and self.listen.endswith(":0"):
+            raise ValueError(f"{variable('workers')} > 1 needs a fixed port in {variable('listen')}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"{variable('tls_cert')} and {variable('tls_key')} go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:

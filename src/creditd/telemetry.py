@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
 from creditd import __version__, logs
-from creditd.api.errors import MalformedRequest, abort
+from creditd.api.errors import Malformed, abort, lenient
 from creditd.config import Settings, host_port
 from creditd.domain.records import DenyReason
 from creditd.metrics import Metrics, MetricsExporter
@@ -378,39 +378,6 @@ def _prometheus_reader(registry: CollectorRegistry) -> MetricReader:
     return reader
 
 
-class _Malformed:
-    """What a request that cannot be parsed turns into (instead of an UNKNOWN status)."""
-
-    __slots__ = ("detail",)
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-
-
-def _lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if parse is None:
-        return None
-
-    def parse_or_mark(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception as exc:
-            return _Malformed(type(exc).__name__)
-
-    return parse_or_mark
-
-
-def _malformed(method: str) -> MalformedRequest:
-    return MalformedRequest(f"the request is not a valid message for {method}", "request", method=method)
-
-
-async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
-    async for request in requests:
-        if isinstance(request, _Malformed):
-            raise _malformed(method)
-        yield request
-
-
 def _status(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
@@ -457,7 +424,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         fields = getattr(getattr(request_type, "DESCRIPTOR", None), "fields_by_name", {})
         has_session = "session_id" in fields
         if ours:
-            parse = _lenient(parse)
+            parse = lenient(parse)
         enter = self._enter_call
         leave = self._leave_call
 
@@ -469,10 +436,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 state = enter(method, service, name, context, request if has_session else None)
                 error: BaseException | None = None
                 try:
-                    if streaming_in:
-                        request = _checked(request, method) if ours else request
-                    elif isinstance(request, _Malformed):
-                        await abort(context, _malformed(method))
+                    # A stream's messages are checked by its handler as it reads them (Malformed).
+                    if not streaming_in and isinstance(request, Malformed):
+                        await abort(context, request.error(method))
                     return await behavior(request, context)
                 except BaseException as exc:
                     error = exc
@@ -493,10 +459,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 state = enter(method, service, name, context, None if streaming_in or not has_session else request)
                 error: BaseException | None = None
                 try:
-                    if streaming_in:
-                        request = _checked(request, method) if ours else request
-                    elif isinstance(request, _Malformed):
-                        await abort(context, _malformed(method))
+                    # A stream's messages are checked by its handler as it reads them (Malformed).
+                    if not streaming_in and isinstance(request, Malformed):
+                        await abort(context, request.error(method))
                     async for response in behavior(request, context):
                         yield response
                 except BaseException as exc:
@@ -511,10 +476,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             state = enter(method, service, name, context, None)
             error: BaseException | None = None
             try:
-                if streaming_in:
-                    request = _checked(request, method) if ours else request
-                elif isinstance(request, _Malformed):
-                    await abort(context, _malformed(method))
+                # A stream's messages are checked by its handler as it reads them (Malformed).
+                if not streaming_in and isinstance(request, Malformed):
+                    await abort(context, request.error(method))
                 return await behavior(request, context)
             except BaseException as exc:
                 error = exc
@@ -540,7 +504,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 break
         request_token = logs.request_id.set(request_id or logs.new_request_id())
         session_token = None
-        if request is not None and not isinstance(request, _Malformed) and request.session_id:
+        if request is not None and not isinstance(request, Malformed) and request.session_id:
             session_token = logs.session_id.set(request.session_id[: logs.MAX_LOGGED_ID])
         span = None
         context_token = None

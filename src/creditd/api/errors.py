@@ -32,6 +32,33 @@ class MalformedRequest(InvalidArgument):
     reason = "MALFORMED_REQUEST"
 
 
+class Malformed:
+    """What a request that cannot be parsed turns into (instead of an UNKNOWN status): the
+    handler of a stream raises its `error` when it reads one."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+    def error(self, method: str) -> MalformedRequest:
+        return MalformedRequest(f"the request is not a valid message for {method}", "request", method=method)
+
+
+def lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A request deserializer that answers Malformed instead of raising."""
+    if parse is None:
+        return None
+
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return Malformed(type(exc).__name__)
+
+    return parse_or_mark
+
+
 def _cut(text: str, limit: int) -> str:
     raw = text.encode()
     return text if len(raw) <= limit else raw[: limit - 3].decode(errors="ignore") + "..."

@@ -18,7 +18,7 @@ from creditd_client.v1 import (
 from creditd import logs
 from creditd.api import convert, limits, requests
 from creditd.api.auth import Action, Authenticator, Principal
-from creditd.api.errors import abort, streaming, unary
+from creditd.api.errors import Malformed, abort, streaming, unary
 from creditd.domain.accounts import Account, AccountKind, BillingMode, Channel, Direction, Plan, Role
 from creditd.domain.records import BalanceType, TopupKind
 from creditd.domain.usage import UsageTotals
@@ -112,6 +112,8 @@ class MeteringServicer:
         async def read() -> None:
             try:
                 async for message in request_iterator:
+                    if isinstance(message, Malformed):
+                        raise message.error("/creditd.v1.MeteringService/StreamUsage")
                     limits.check(message)
                     request = convert.stream_request(message)
                     if hasattr(request, "client_id"):
