@@ -171,6 +171,8 @@ class App:
             settled = await self._rebuild_once()
             if settled:
                 log.warning("settled %d sessions left open by an earlier run", settled)
+        elif lost := await self._lost_agencies():  # a cluster's shard that came back empty
+            await self._rebuild_agencies(lost)
         self.flusher = Flusher(self.ctx)
         self.flusher.start()
         self.metering = Metering(self.ctx)

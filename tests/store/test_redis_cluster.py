@@ -111,20 +111,22 @@ async def test_the_outbox_is_drained_from_every_shard(
         await other.close()
 
 
-async def test_load_replaces_every_shards_agencies_and_ping_asks_every_primary(
+async def test_load_replaces_every_shards_agencies_and_markers_tell_which_are_there(
     redis_cluster: LocalRedisCluster, cluster_store: RedisHotStore
 ) -> None:
     store = cluster_store
+    assert await store.ping()  # a cluster is up while a primary answers; losses show per agency
+    assert await store.agencies_present(AGENCIES) == set()
     for agency in AGENCIES:
         await store.configure_wallet(agency, f"{agency}-old", VOICE, WalletConfig(), T0, new_agency=True)
-    assert not await store.ping()
+    assert await store.agencies_present(AGENCIES) == set(AGENCIES)
     start, end = period_bounds_epoch(T0, 1)
     wallets = [
         (agency, WalletState(agency, VOICE, WalletConfig(), start, end, purchased_micros=n))
         for n, agency in enumerate(AGENCIES)
     ]
     await store.load(wallets, [])
-    assert await store.ping()
+    assert await store.agencies_present(AGENCIES) == set(AGENCIES)
     for n, agency in enumerate(AGENCIES):
         assert await store.read_wallet(agency, f"{agency}-old", VOICE, T0) is None  # replaced
         loaded = await store.read_wallet(agency, agency, VOICE, T0)

@@ -86,6 +86,7 @@ from dataclasses import fields
 from importlib import resources
 from typing import Any, TypeVar, cast
 
+import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from creditd.domain.periods import period_bounds_epoch
@@ -121,6 +122,7 @@ from creditd.store.redis_client import (
     close,
     connect,
     ping_all,
+    ping_any,
     pipelined,
     redis_errors,
     run_scripts,
@@ -323,9 +325,15 @@ class RedisHotStore(HotStore):
         """Raise StoreUnavailable if Redis cannot be reached; False if it lost what load() wrote.
 
         Redis without persistence comes back empty after a restart: the marker that load()
-        sets is gone with everything else, and the state must be rebuilt. On a cluster
-        every primary must answer.
+        sets is gone with everything else, and the state must be rebuilt.
+
+        A cluster loses (or cannot reach) its shards one at a time: it is available while
+        one primary answers, and what a shard lost is found agency by agency (each
+        agency's marker; see `agencies_present`), not by this store-wide check.
         """
+        if isinstance(self._redis, aioredis.RedisCluster):
+            await ping_any(self._redis)
+            return True
         await ping_all(self._redis)
         with redis_errors():
             loaded: int = await self._redis.exists(self._marker)

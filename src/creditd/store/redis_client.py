@@ -109,6 +109,21 @@ async def ping_all(client: Client) -> None:
             await client.ping()
 
 
+async def ping_any(client: aioredis.RedisCluster) -> None:
+    """PING every primary of a cluster; raises StoreUnavailable only if none answers."""
+    errors: list[BaseException] = []
+    with redis_errors():
+        await client.initialize()  # learns the topology once, or again after an error
+    for node in client.get_primaries():
+        try:
+            with redis_errors():
+                await client.ping(target_nodes=node)
+            return
+        except StoreUnavailable as exc:
+            errors.append(exc)
+    raise errors[0] if errors else unavailable(OSError("the cluster has no primary"))
+
+
 @dataclass(frozen=True, slots=True)
 class Routed:
     """A command and the key that decides which node runs it."""
