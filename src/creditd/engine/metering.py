@@ -324,12 +324,19 @@ class UsageStream:
         elif isinstance(request, Usage):
             if self.voice is None:
                 raise InvalidArgument("usage reports belong to voice streams", "usage")
-            _require_seconds(request.seconds_used)
-            self.metering.voice.report(self.voice, request.seconds_used)
+            self.report(request.seconds_used)
         elif isinstance(request, Sms):
             await self._sms(request)
         elif isinstance(request, End):
             await self._end(request)
+
+    def report(self, seconds_used: int) -> None:
+        """A usage report of this stream's voice call (cumulative seconds)."""
+        if self.finished:
+            raise FailedPrecondition("the session of this stream has ended", "STREAM_ENDED")
+        assert self.voice is not None
+        _require_seconds(seconds_used)
+        self.metering.voice.report(self.voice, seconds_used)
 
     async def _start(self, start: Start) -> None:
         if self.voice is not None or self.sms is not None:
