@@ -27,6 +27,8 @@ def _metavar(name: str) -> str:
     annotation = Settings.model_fields[name].annotation
     if typing.get_origin(annotation) is typing.Literal:
         return "{" + ",".join(typing.get_args(annotation)) + "}"
+    if annotation is bool:
+        return "{true,false}"
     if annotation is int:
         return "N"
     if annotation is float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from creditd_client.v1 import common_pb2, metering_pb2
+from creditd_client.v1 import metering_pb2
 
 from tests.conftest import Api
 
@@ -36,11 +36,23 @@ class LiveCall:
         self._task: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
 
-    async def open(self) -> None:
+    async def open(self, stream_api: Api | None = None) -> None:
+        """Authorize, then start the stream (on `stream_api`, another replica, if given)."""
         answer = await self.api.authorize(self.session_id, self.client_id)
         assert answer.allowed, answer
-        self.call, first = await self.api.start_call(self.session_id, self.client_id)
         self.started = time.monotonic()
+        await self._stream(stream_api or self.api)
+
+    async def resume(self, api: Api) -> None:
+        """What a worker does when its stream broke: SessionStart again, on any server; the
+        call goes on counting its seconds from when it started."""
+        self.cancel()
+        self.error = None
+        self.api = api
+        await self._stream(api)
+
+    async def _stream(self, api: Api) -> None:
+        self.call, first = await api.start_call(self.session_id, self.client_id)
         self._take(first)
         self._task = asyncio.create_task(self._read())
         self._reporter = asyncio.create_task(self._report())
@@ -82,14 +94,15 @@ class LiveCall:
                     metering_pb2.StreamUsageRequest(usage=metering_pb2.UsageReport(seconds_used=self.seconds_used()))
                 )
 
-    async def end(self, within: float = 10) -> None:
-        """Send SessionEnd (if the stream still lives) and wait for the last message."""
+    async def end(self, within: float = 10) -> int:
+        """Send SessionEnd (if the stream still lives) and wait for the last message; returns
+        the seconds it reported."""
+        used = self.seconds_used()
         if not self.done:
             with contextlib.suppress(Exception):
-                await self.call.write(
-                    metering_pb2.StreamUsageRequest(end=metering_pb2.SessionEnd(seconds_used=self.seconds_used()))
-                )
+                await self.call.write(metering_pb2.StreamUsageRequest(end=metering_pb2.SessionEnd(seconds_used=used)))
         await self.wait(within)
+        return used
 
     async def wait(self, within: float) -> None:
         assert self._task is not None
@@ -102,23 +115,6 @@ class LiveCall:
                 task.cancel()
         if self.call is not None:
             self.call.cancel()
-
-
-async def resume(api: Api, session_id: str, client_id: str) -> metering_pb2.StreamUsageResponse:
-    """SessionStart on a new stream: the session's final message if it is settled, else an error."""
-    call = api.stream()
-    try:
-        await call.write(
-            metering_pb2.StreamUsageRequest(
-                start=metering_pb2.SessionStart(
-                    session_id=session_id, client_id=client_id, channel=common_pb2.CHANNEL_VOICE
-                )
-            )
-        )
-        message: metering_pb2.StreamUsageResponse = await call.read()
-        return message
-    finally:
-        call.cancel()
 
 
 @dataclass
