@@ -259,11 +259,17 @@ async def test_creditd_under_traffic_through_a_failover(
                     assert call.done, call.session_id
                 for paying in topups.values():
                     await _retry_until_acked(paying, 20)
-                balances = {
-                    account: await api.balance(account)
-                    for agency in agencies
-                    for account in (agency, f"{agency}-spend", f"{agency}-pay")
-                }
+                # An Authorize whose answer was lost in the failover holds its slice until the
+                # authorization expires (CREDITD_AUTHORIZE_TTL_SECONDS): wait for the release.
+                accounts = [account for agency in agencies for account in (agency, f"{agency}-spend", f"{agency}-pay")]
+                deadline = time.monotonic() + 30
+                while True:
+                    balances = {account: await api.balance(account) for account in accounts}
+                    held = {a: b.voice.reserved_micros for a, b in balances.items() if b.voice.reserved_micros}
+                    if not held:
+                        break
+                    assert time.monotonic() < deadline, f"reservations never released: {held}"
+                    await asyncio.sleep(0.25)
         assert server.stop() == 0
 
         # no wallet below zero, nothing left reserved
