@@ -30,6 +30,7 @@ that keeps state gets a new Postgres database and Redis key prefix, dropped afte
     python bench/authorize.py --procs 2           # two processes per server on one port (SO_REUSEPORT)
     python bench/authorize.py --matrix            # the three above, in one run
     python bench/authorize.py --profile out.txt   # py-spy the creditd server while it is measured
+    python bench/authorize.py --redis-cluster 3   # bare and creditd, creditd on a 3-primary Redis Cluster
 
 Needs the machine's Postgres (CREDITD_BENCH_POSTGRES_ADMIN_URL) and Redis (CREDITD_BENCH_REDIS_URL).
 """
@@ -286,7 +287,8 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_
         "creditd": "creditd",
     }
     keeps_state = target in databases
-    with bench_stores(databases[target]) if keeps_state else contextlib.nullcontext() as stores:
+    stores_cm = bench_stores(databases[target], args.cluster_url) if keeps_state else contextlib.nullcontext()
+    with stores_cm as stores:
         try:
             servers = _start_servers(target, stores, args, listen, flags, procs)
             command = [
@@ -437,10 +439,36 @@ def main() -> None:
     parser.add_argument("--loadgen-uvloop", action="store_true", help="run the load generator on uvloop")
     parser.add_argument("--profile", help="py-spy raw profile of the creditd server written here")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--redis-cluster",
+        type=int,
+        metavar="PRIMARIES",
+        help="start a Redis Cluster of this many primaries on free loopback ports and measure bare and"
+        " creditd on it (the peers are single-node designs)",
+    )
     args = parser.parse_args()
+    args.cluster_url = ""
+    if args.redis_cluster:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's cluster harness
+        from tests.redis_cluster import LocalRedisCluster
+
+        cluster = LocalRedisCluster(primaries=args.redis_cluster, replicas_per_primary=0)
+        cluster.start()
+        args.cluster_url = cluster.url
+        try:
+            _run(args, ("bare", "creditd"))
+        finally:
+            cluster.close()
+        return
+    _run(args, TARGETS)
+
+
+def _run(args: argparse.Namespace, targets: tuple[str, ...]) -> None:
 
     configs = [("asyncio", 1), ("uvloop", 1), ("uvloop", 2)] if args.matrix else [(args.loop, args.procs)]
     print(f"machine: {machine()}")
+    if args.cluster_url:
+        print(f"creditd's Redis: a cluster of {args.redis_cluster} primaries, no replicas ({args.cluster_url})")
     print(
         f"load: {args.concurrency} calls in flight over {args.channels} channels, {args.warmup:g}s warm-up,"
         f" {args.duration:g}s measured per server, {args.rounds} rounds alternated, fresh session_id per call"
@@ -451,7 +479,7 @@ def main() -> None:
         print(HEADER)
         measured: list[Result] = []
         for round_number in range(1, args.rounds + 1):
-            for target in TARGETS:
+            for target in targets:
                 result = measure(target, args, loop, procs, round_number)
                 print(_line(result), flush=True)
                 measured.append(result)

@@ -59,9 +59,10 @@ class Stores:
 
 
 @contextlib.contextmanager
-def bench_stores(database: Literal["creditd", "empty", "none"] = "creditd") -> Iterator[Stores]:
+def bench_stores(database: Literal["creditd", "empty", "none"] = "creditd", redis_url: str = "") -> Iterator[Stores]:
     """A new Redis key prefix and a new Postgres database (with creditd's schema, empty, or
-    none at all: then `database` is ""), both removed afterwards."""
+    none at all: then `database` is ""), both removed afterwards. `redis_url` names a Redis
+    of the caller's own (a cluster it started and removes): its keys are left to it."""
     from creditd.db.migrate import upgrade
 
     name = f"creditd_bench_{uuid.uuid4().hex[:10]}" if database != "none" else ""
@@ -73,18 +74,19 @@ def bench_stores(database: Literal["creditd", "empty", "none"] = "creditd") -> I
         url = postgres_url(name) if name else ""
         if database == "creditd":
             upgrade(url)
-        yield Stores(name, url, REDIS_URL, prefix)
+        yield Stores(name, url, redis_url or REDIS_URL, prefix)
     finally:
         if name:
             with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            for start in range(0, len(keys), 500):
-                client.delete(*keys[start : start + 500])
-        finally:
-            client.close()
+        if not redis_url:
+            client = redis.Redis.from_url(REDIS_URL)
+            try:
+                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+                for start in range(0, len(keys), 500):
+                    client.delete(*keys[start : start + 500])
+            finally:
+                client.close()
 
 
 def creditd_env(stores: Stores, listen: str, **extra: str) -> dict[str, str]:
