@@ -1,10 +1,16 @@
 """Two replicas (two in-process servers sharing one Redis prefix and one Postgres database)
-serving the calls of one agency at the same time."""
+serving the calls of one agency at the same time.
+
+The replicas share one ManualClock (as in test_portable_sessions.py): a test moves time
+itself, so renewals, warnings and cutoffs on both replicas come at the second they are due
+however busy the machine is. What travels between the replicas (a change made on one that
+the other hears of through the bus) takes real time: a test polls for it with a generous
+deadline, and checks that it came without the clock having moved.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,9 +20,12 @@ from creditd_client.v1 import account_pb2, common_pb2
 
 from creditd.app import App
 from creditd.config import Settings
+from creditd.domain.records import DenyReason
 from creditd.engine import durability
+from creditd.engine.clock import ManualClock
 from creditd.engine.context import Context
 from tests import services
+from tests.calls import Call, session, until
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.crash.procs import Ledger, RedisServer
 from tests.crash.workload import LiveCall
@@ -31,6 +40,11 @@ FAST: dict[str, Any] = {
 PER_SECOND = 60 * CREDIT  # a rate of one credit a second: whole micros for every second
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
 async def _agency(api: Api, pool_credits: int, client_credits: int, clients: int) -> list[str]:
     """An agency whose pool pays one credit a second, and REBILLING clients on one plan."""
     await api.agency("a1", free_voice_micros=pool_credits * CREDIT, default_voice_micros_per_minute=PER_SECOND)
@@ -43,30 +57,51 @@ async def _agency(api: Api, pool_credits: int, client_credits: int, clients: int
     return names
 
 
+async def _answered(api: Api, session_id: str, client_id: str) -> Call:
+    """A call authorized and answered on the replica behind `api`."""
+    assert (await api.authorize(session_id, client_id)).allowed
+    call = Call(api)
+    assert (await call.start(session_id, client_id)).WhichOneof("msg") == "grant"
+    return call
+
+
+def _granted(call: Call) -> int:
+    return max(m.grant.granted_seconds for m in call.messages if m.WhichOneof("msg") == "grant")
+
+
 async def _consistent(app: App) -> None:
     await app.flusher.flush()
     assert await durability.reconcile(app.ctx) == []
 
 
-async def test_the_agency_pool_is_never_overspent_across_replicas(make_server: ServerFactory) -> None:
+async def test_the_agency_pool_is_never_overspent_across_replicas(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
     pool = 40
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         clients = await _agency(r1.api, pool_credits=pool, client_credits=1000, clients=4)
-        calls = [
-            LiveCall((r1 if i % 2 else r2).api, f"pool-{i}", clients[i % len(clients)], report_every=1.0)
-            for i in range(10)
+        served = {f"pool-{i}": (r1 if i % 2 else r2) for i in range(10)}
+        answered = [
+            _answered(server.api, sid, clients[i % len(clients)]) for i, (sid, server) in enumerate(served.items())
         ]
-        await asyncio.gather(*(call.open() for call in calls))
-        for call in calls:
-            await call.wait(pool + 10)
+        calls = dict(zip(served, await asyncio.gather(*answered), strict=True))  # both replicas at once
+        answered_at = clock.now()
+        cut_at: dict[str, float] = {}
+        while len(cut_at) < len(calls):  # a quarter second at a time, noting when each call is settled
+            assert clock.now() - answered_at < pool, f"calls still live: {set(calls) - set(cut_at)}"
+            await clock.advance(0.25)
+            for session_id, server in served.items():
+                if session_id not in cut_at and session(server, session_id) is None:
+                    cut_at[session_id] = clock.now() - answered_at
+        billed = {}
+        for session_id, call in calls.items():
+            cutoff = (await call.next("cutoff")).cutoff  # every grant came before it on the stream
+            assert cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
+            assert cutoff.billed_seconds == _granted(call), session_id  # never a second beyond the grant
+            assert cut_at[session_id] == _granted(call), session_id  # cut at the exact end of its grant
+            billed[session_id] = cutoff.billed_seconds
         agency = (await r2.api.balance("a1")).voice
         await _consistent(r1.app)
-    billed = {call.session_id: call.final.cutoff.billed_seconds for call in calls if call.final}
-    assert len(billed) == len(calls), [(c.session_id, c.final, c.error) for c in calls]
-    for call in calls:
-        assert call.final is not None and call.final.WhichOneof("msg") == "cutoff", call.final
-        assert call.final.cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
-        assert billed[call.session_id] <= call.granted  # never a second beyond the grant
     # everything the pool held was delivered, and not a second more
     assert sum(billed.values()) == pool
     assert (agency.free_micros, agency.purchased_micros, agency.reserved_micros, agency.available_micros) == (
@@ -78,62 +113,49 @@ async def test_the_agency_pool_is_never_overspent_across_replicas(make_server: S
 
 
 async def test_a_subscription_switched_off_on_one_replica_cuts_calls_on_the_other(
-    make_server: ServerFactory,
+    make_server: ServerFactory, clock: ManualClock
 ) -> None:
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         await _agency(r1.api, pool_credits=300, client_credits=100, clients=2)
-        on_c1 = [LiveCall(r2.api, f"sub-{i}", "c1") for i in range(3)]
-        other = LiveCall(r2.api, "other-client", "c2")
-        await asyncio.gather(*(call.open() for call in (*on_c1, other)))
-        await asyncio.sleep(0.5)
+        on_c1 = [await _answered(r2.api, f"sub-{i}", "c1") for i in range(3)]
+        other = await _answered(r2.api, "other-client", "c2")
+        await clock.advance(0.5)
         await r1.api.accounts.UpdateSubscription(
             account_pb2.UpdateSubscriptionRequest(account_id="c1", inbound_active=False),
             metadata=r1.api.metadata,
         )
-        switched = time.monotonic()
+        # The clock stands still: the cutoffs come from replica 2 hearing of the change, not
+        # from a renewal that would find the subscription off at the end of the grant.
         for call in on_c1:
-            await call.wait(3)
-        delays = []
-        for call in on_c1:
-            assert call.final is not None and call.final_at is not None, call.session_id
-            assert call.final.cutoff.reason == common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE
-            delays.append(call.final_at - switched)
-        assert max(delays) < 1.0, delays
-        assert not other.done  # another client's call goes on
-        await other.end()
+            cutoff = (await call.next("cutoff")).cutoff
+            assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE, 1)
+        live = session(r2, "other-client")
+        assert live is not None and live.final is None and other.pending() == []  # another client's call goes on
+        assert (await other.end(1)).summary.billed_seconds == 1
         await _consistent(r2.app)
-    print(f"\nsubscription off on replica 1 -> cutoff on replica 2 after {max(delays) * 1000:.0f} ms (max of 3)")
 
 
-async def test_a_topup_on_one_replica_renews_a_final_grant_on_the_other(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+async def test_a_topup_on_one_replica_renews_a_final_grant_on_the_other(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         await _agency(r1.api, pool_credits=300, client_credits=4, clients=1)  # c1 can pay 4 s
-        call = LiveCall(r2.api, "final-grant", "c1")
-        await call.open()
-        deadline = time.monotonic() + 5
-        while call.granted < 4:  # the 3 s slice, then the last second c1 can pay: final
-            assert time.monotonic() < deadline and not call.done, call.grants
-            await asyncio.sleep(0.05)
-        assert call.granted == 4
-        end_of_final_grant = call.started + 4
+        call = await _answered(r2.api, "final-grant", "c1")
+        await clock.advance(2)  # the renewal of the 3 s slice finds the last second c1 can pay
+        assert (await call.next()).grant.granted_seconds == 4  # final: a warning at 3 s, a cutoff at 4 s
         await r1.api.topup("c1", 60 * CREDIT, "webhook-1")
-        paid = time.monotonic()
-        while call.granted <= 4:
-            assert not call.done, call.final  # no cutoff at the end of the old final grant
-            assert time.monotonic() < end_of_final_grant + 0.5, "the call never renewed"
-            await asyncio.sleep(0.02)
-        renewed = time.monotonic()
-        assert renewed < end_of_final_grant
-        await asyncio.sleep(max(0.0, end_of_final_grant + 0.5 - time.monotonic()))
-        assert not call.done
-        await call.end()
-        assert call.final is not None and call.final.WhichOneof("msg") == "summary", call.final
-        assert call.final.summary.billed_seconds >= 4
+        live = session(r2, "final-grant")
+        assert live is not None
+        await until(lambda: live.exhausted is DenyReason.NONE, "replica 2 heard of the top-up")
+        await clock.advance(0.75)
+        assert call.pending() == []
+        await clock.advance(0.25)  # 3 s: the renewal point, 1 s before the old final grant ends
+        assert (await call.next()).grant.granted_seconds == 7
+        await clock.advance(1.5)  # past 4 s, where the old final grant ended: no warning, no cutoff
+        assert call.pending() == [] and session(r2, "final-grant") is not None
+        summary = (await call.end(5)).summary
+        assert (summary.billed_seconds, summary.client_charged_micros) == (5, 5 * CREDIT)
         await _consistent(r1.app)
-    print(
-        f"\ntop-up on replica 1 -> new grant on replica 2 {(renewed - paid) * 1000:.0f} ms later (at the renewal"
-        f" point), {(end_of_final_grant - renewed) * 1000:.0f} ms before the old final grant would have ended"
-    )
 
 
 def _count_rebuilds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
