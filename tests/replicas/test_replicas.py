@@ -86,18 +86,24 @@ async def test_the_agency_pool_is_never_overspent_across_replicas(
         ]
         calls = dict(zip(served, await asyncio.gather(*answered), strict=True))  # both replicas at once
         answered_at = clock.now()
+        warned_at: dict[str, float] = {}
         cut_at: dict[str, float] = {}
-        while len(cut_at) < len(calls):  # a quarter second at a time, noting when each call is settled
+        while len(cut_at) < len(calls):  # a quarter second at a time, noting when each call is warned and cut
             assert clock.now() - answered_at < pool, f"calls still live: {set(calls) - set(cut_at)}"
             await clock.advance(0.25)
             for session_id, server in served.items():
-                if session_id not in cut_at and session(server, session_id) is None:
+                live = session(server, session_id)
+                if live is not None and live.warned:
+                    warned_at.setdefault(session_id, clock.now() - answered_at)
+                if session_id not in cut_at and live is None:
                     cut_at[session_id] = clock.now() - answered_at
         billed = {}
         for session_id, call in calls.items():
+            assert (await call.next("warning")).warning.remaining_seconds == 1
             cutoff = (await call.next("cutoff")).cutoff  # every grant came before it on the stream
             assert cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
             assert cutoff.billed_seconds == _granted(call), session_id  # never a second beyond the grant
+            assert warned_at[session_id] == _granted(call) - 1, session_id  # warned 1 s before the end
             assert cut_at[session_id] == _granted(call), session_id  # cut at the exact end of its grant
             billed[session_id] = cutoff.billed_seconds
         agency = (await r2.api.balance("a1")).voice
