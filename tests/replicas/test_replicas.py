@@ -1,11 +1,13 @@
 """Two replicas (two in-process servers sharing one Redis prefix and one Postgres database)
 serving the calls of one agency at the same time.
 
-The replicas share one ManualClock (as in test_portable_sessions.py): a test moves time
-itself, so renewals, warnings and cutoffs on both replicas come at the second they are due
-however busy the machine is. What travels between the replicas (a change made on one that
-the other hears of through the bus) takes real time: a test polls for it with a generous
-deadline, and checks that it came without the clock having moved.
+The replicas run on a ManualClock (one shared, as in test_portable_sessions.py; the test
+of a lost Redis gives each replica its own, moved together, so that their health monitors
+race): a test moves time itself, so renewals, warnings, cutoffs and health checks on both
+replicas come at the second they are due however busy the machine is. What travels
+between the replicas (a change made on one that the other hears of through the bus) takes
+real time: a test polls for it with a generous deadline, and checks that it came without
+the clock having moved.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from tests import services
 from tests.calls import Call, session, until
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.crash.procs import Ledger, RedisServer
-from tests.crash.workload import LiveCall
 
 FAST: dict[str, Any] = {
     "slice_seconds": 3,
@@ -189,7 +190,6 @@ async def _open_sessions(server: Running, count: int) -> list[str]:
         if i % 2:
             await api.start_call(session_id, "c1")
         ids.append(session_id)
-    await asyncio.sleep(0.3)
     await server.app.flusher.flush()
     return ids
 
@@ -206,18 +206,18 @@ def _settled_once(database_url: str, session_ids: list[str]) -> None:
 
 
 async def test_two_replicas_starting_on_an_empty_redis_rebuild_it_once(
-    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch, clock: ManualClock
 ) -> None:
-    async with make_server(**FAST) as first:
+    async with make_server(clock=clock, **FAST) as first:
         session_ids = await _open_sessions(first, 6)
         await first.app.metering.close()  # a crash: nothing settles its sessions on the way out
     services.delete_redis_keys(backend["redis_prefix"])  # Redis lost everything
     rebuilds = _count_rebuilds(monkeypatch)
     settings = {"listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN, "flush_interval_seconds": 0.05, **backend, **FAST}
-    replicas = [App(Settings(**settings)) for _ in range(2)]
-    await asyncio.gather(*(app.start() for app in replicas))
+    replicas = [App(Settings(**settings), clock) for _ in range(2)]
+    await asyncio.gather(*(app.start() for app in replicas))  # both find Redis empty at once
     try:
-        await asyncio.sleep(1.5)  # both health monitors look at the store at least once
+        await clock.advance(2)  # both health monitors look at the store, twice
         assert len(rebuilds) == 1, rebuilds
         for app in replicas:
             assert await app.ctx.store.ping() is True
@@ -230,33 +230,51 @@ async def test_two_replicas_starting_on_an_empty_redis_rebuild_it_once(
 
 
 async def test_two_running_replicas_rebuild_a_lost_redis_once(
-    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch, clock: ManualClock
 ) -> None:
+    # A clock for each replica, at the same time and moved together: their health monitors
+    # look at the store at the same moment and race to rebuild it (on one shared clock, the
+    # first would rebuild before the second looked, and the race would never be run).
+    clocks = (clock, ManualClock(clock.now()))
+
+    async def advance(seconds: float) -> None:
+        await asyncio.gather(*(c.advance(seconds) for c in clocks))
+
     redis = RedisServer()  # of our own, so that losing its data is one atomic event
     redis.start()
     try:
-        async with make_server(redis_url=redis.url, **FAST) as r1, make_server(redis_url=redis.url, **FAST) as r2:
+        async with (
+            make_server(clock=clocks[0], redis_url=redis.url, **FAST) as r1,
+            make_server(clock=clocks[1], redis_url=redis.url, **FAST) as r2,
+        ):
             session_ids = await _open_sessions(r1, 4)
-            live = [LiveCall(api, f"live-{i}", "c1") for i, api in enumerate((r1.api, r2.api, r2.api))]
-            await asyncio.gather(*(call.open() for call in live))
-            await asyncio.sleep(0.3)
+            served = {f"live-{i}": server for i, server in enumerate((r1, r2, r2))}
+            live = {session_id: await _answered(server.api, session_id, "c1") for session_id, server in served.items()}
+            await advance(2)  # renewed once (the next renewal is due at 5 s)
+            for call in live.values():
+                assert (await call.next()).grant.granted_seconds == 6
+            await r1.app.flusher.flush()
+            await r2.app.flusher.flush()  # the database knows every session as open
             rebuilds = _count_rebuilds(monkeypatch)
             redis.kill()
+            await advance(1)  # 3 s: the health monitors find the store down
+            assert [r.app.ctx.status.store_ok for r in (r1, r2)] == [False, False]
             redis.start()  # the same port, empty
-            for call in live:
-                await call.wait(8)
-                assert call.final is not None, (call.session_id, call.error)
-                assert call.final.cutoff.reason == common_pb2.DENY_REASON_SERVICE_UNAVAILABLE
-            await asyncio.sleep(1.2)
+            assert rebuilds == [] and all(call.pending() == [] for call in live.values())
+            await advance(1)  # 4 s: both find it empty at once, cut their calls, and one of them rebuilds it
+            for call in live.values():
+                cutoff = (await call.next()).cutoff
+                assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_SERVICE_UNAVAILABLE, 4)
             assert len(rebuilds) == 1, rebuilds
+            await advance(2)  # they look again, twice; the lost sessions' settlements are retried
+            assert len(rebuilds) == 1, rebuilds
+            assert all(session(server, session_id) is None for session_id, server in served.items())
             for i, server in enumerate((r1, r2)):  # both serve again
-                after = LiveCall(server.api, f"after-{i}", "c2")
-                await after.open()
-                await after.end()
-                assert after.final is not None and after.final.WhichOneof("msg") == "summary"
+                after = await _answered(server.api, f"after-{i}", "c2")
+                assert (await after.end(1)).summary.billed_seconds == 1
             await r1.app.flusher.flush()
             await r2.app.flusher.flush()
-            _settled_once(backend["database_url"], session_ids + [call.session_id for call in live])
+            _settled_once(backend["database_url"], session_ids + list(live))
             await _consistent(r2.app)
     finally:
         redis.close()
