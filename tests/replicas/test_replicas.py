@@ -1,10 +1,18 @@
 """Two replicas (two in-process servers sharing one Redis prefix and one Postgres database)
-serving the calls of one agency at the same time."""
+serving the calls of one agency at the same time.
+
+The replicas run on a ManualClock (one shared, as in test_portable_sessions.py; the test
+of a lost Redis gives each replica its own, moved together, so that their health monitors
+race): a test moves time itself, so renewals, warnings, cutoffs and health checks on both
+replicas come at the second they are due however busy the machine is. What travels
+between the replicas (a change made on one that the other hears of through the bus) takes
+real time: a test polls for it with a generous deadline, and checks that it came without
+the clock having moved.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,12 +22,14 @@ from creditd_client.v1 import account_pb2, common_pb2
 
 from creditd.app import App
 from creditd.config import Settings
+from creditd.domain.records import DenyReason
 from creditd.engine import durability
+from creditd.engine.clock import ManualClock
 from creditd.engine.context import Context
 from tests import services
+from tests.calls import Call, session, until
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.crash.procs import Ledger, RedisServer
-from tests.crash.workload import LiveCall
 
 FAST: dict[str, Any] = {
     "slice_seconds": 3,
@@ -29,6 +39,11 @@ FAST: dict[str, Any] = {
     "authorize_ttl_seconds": 5.0,
 }
 PER_SECOND = 60 * CREDIT  # a rate of one credit a second: whole micros for every second
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 async def _agency(api: Api, pool_credits: int, client_credits: int, clients: int) -> list[str]:
@@ -43,30 +58,57 @@ async def _agency(api: Api, pool_credits: int, client_credits: int, clients: int
     return names
 
 
+async def _answered(api: Api, session_id: str, client_id: str) -> Call:
+    """A call authorized and answered on the replica behind `api`."""
+    assert (await api.authorize(session_id, client_id)).allowed
+    call = Call(api)
+    assert (await call.start(session_id, client_id)).WhichOneof("msg") == "grant"
+    return call
+
+
+def _granted(call: Call) -> int:
+    return max(m.grant.granted_seconds for m in call.messages if m.WhichOneof("msg") == "grant")
+
+
 async def _consistent(app: App) -> None:
     await app.flusher.flush()
     assert await durability.reconcile(app.ctx) == []
 
 
-async def test_the_agency_pool_is_never_overspent_across_replicas(make_server: ServerFactory) -> None:
+async def test_the_agency_pool_is_never_overspent_across_replicas(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
     pool = 40
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         clients = await _agency(r1.api, pool_credits=pool, client_credits=1000, clients=4)
-        calls = [
-            LiveCall((r1 if i % 2 else r2).api, f"pool-{i}", clients[i % len(clients)], report_every=1.0)
-            for i in range(10)
+        served = {f"pool-{i}": (r1 if i % 2 else r2) for i in range(10)}
+        answered = [
+            _answered(server.api, sid, clients[i % len(clients)]) for i, (sid, server) in enumerate(served.items())
         ]
-        await asyncio.gather(*(call.open() for call in calls))
-        for call in calls:
-            await call.wait(pool + 10)
+        calls = dict(zip(served, await asyncio.gather(*answered), strict=True))  # both replicas at once
+        answered_at = clock.now()
+        warned_at: dict[str, float] = {}
+        cut_at: dict[str, float] = {}
+        while len(cut_at) < len(calls):  # a quarter second at a time, noting when each call is warned and cut
+            assert clock.now() - answered_at < pool, f"calls still live: {set(calls) - set(cut_at)}"
+            await clock.advance(0.25)
+            for session_id, server in served.items():
+                live = session(server, session_id)
+                if live is not None and live.warned:
+                    warned_at.setdefault(session_id, clock.now() - answered_at)
+                if session_id not in cut_at and live is None:
+                    cut_at[session_id] = clock.now() - answered_at
+        billed = {}
+        for session_id, call in calls.items():
+            assert (await call.next("warning")).warning.remaining_seconds == 1
+            cutoff = (await call.next("cutoff")).cutoff  # every grant came before it on the stream
+            assert cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
+            assert cutoff.billed_seconds == _granted(call), session_id  # never a second beyond the grant
+            assert warned_at[session_id] == _granted(call) - 1, session_id  # warned 1 s before the end
+            assert cut_at[session_id] == _granted(call), session_id  # cut at the exact end of its grant
+            billed[session_id] = cutoff.billed_seconds
         agency = (await r2.api.balance("a1")).voice
         await _consistent(r1.app)
-    billed = {call.session_id: call.final.cutoff.billed_seconds for call in calls if call.final}
-    assert len(billed) == len(calls), [(c.session_id, c.final, c.error) for c in calls]
-    for call in calls:
-        assert call.final is not None and call.final.WhichOneof("msg") == "cutoff", call.final
-        assert call.final.cutoff.reason == common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED
-        assert billed[call.session_id] <= call.granted  # never a second beyond the grant
     # everything the pool held was delivered, and not a second more
     assert sum(billed.values()) == pool
     assert (agency.free_micros, agency.purchased_micros, agency.reserved_micros, agency.available_micros) == (
@@ -78,62 +120,49 @@ async def test_the_agency_pool_is_never_overspent_across_replicas(make_server: S
 
 
 async def test_a_subscription_switched_off_on_one_replica_cuts_calls_on_the_other(
-    make_server: ServerFactory,
+    make_server: ServerFactory, clock: ManualClock
 ) -> None:
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         await _agency(r1.api, pool_credits=300, client_credits=100, clients=2)
-        on_c1 = [LiveCall(r2.api, f"sub-{i}", "c1") for i in range(3)]
-        other = LiveCall(r2.api, "other-client", "c2")
-        await asyncio.gather(*(call.open() for call in (*on_c1, other)))
-        await asyncio.sleep(0.5)
+        on_c1 = [await _answered(r2.api, f"sub-{i}", "c1") for i in range(3)]
+        other = await _answered(r2.api, "other-client", "c2")
+        await clock.advance(0.5)
         await r1.api.accounts.UpdateSubscription(
             account_pb2.UpdateSubscriptionRequest(account_id="c1", inbound_active=False),
             metadata=r1.api.metadata,
         )
-        switched = time.monotonic()
+        # The clock stands still: the cutoffs come from replica 2 hearing of the change, not
+        # from a renewal that would find the subscription off at the end of the grant.
         for call in on_c1:
-            await call.wait(3)
-        delays = []
-        for call in on_c1:
-            assert call.final is not None and call.final_at is not None, call.session_id
-            assert call.final.cutoff.reason == common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE
-            delays.append(call.final_at - switched)
-        assert max(delays) < 1.0, delays
-        assert not other.done  # another client's call goes on
-        await other.end()
+            cutoff = (await call.next("cutoff")).cutoff
+            assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_SUBSCRIPTION_INACTIVE, 1)
+        live = session(r2, "other-client")
+        assert live is not None and live.final is None and other.pending() == []  # another client's call goes on
+        assert (await other.end(1)).summary.billed_seconds == 1
         await _consistent(r2.app)
-    print(f"\nsubscription off on replica 1 -> cutoff on replica 2 after {max(delays) * 1000:.0f} ms (max of 3)")
 
 
-async def test_a_topup_on_one_replica_renews_a_final_grant_on_the_other(make_server: ServerFactory) -> None:
-    async with make_server(**FAST) as r1, make_server(**FAST) as r2:
+async def test_a_topup_on_one_replica_renews_a_final_grant_on_the_other(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
+    async with make_server(clock=clock, **FAST) as r1, make_server(clock=clock, **FAST) as r2:
         await _agency(r1.api, pool_credits=300, client_credits=4, clients=1)  # c1 can pay 4 s
-        call = LiveCall(r2.api, "final-grant", "c1")
-        await call.open()
-        deadline = time.monotonic() + 5
-        while call.granted < 4:  # the 3 s slice, then the last second c1 can pay: final
-            assert time.monotonic() < deadline and not call.done, call.grants
-            await asyncio.sleep(0.05)
-        assert call.granted == 4
-        end_of_final_grant = call.started + 4
+        call = await _answered(r2.api, "final-grant", "c1")
+        await clock.advance(2)  # the renewal of the 3 s slice finds the last second c1 can pay
+        assert (await call.next()).grant.granted_seconds == 4  # final: a warning at 3 s, a cutoff at 4 s
         await r1.api.topup("c1", 60 * CREDIT, "webhook-1")
-        paid = time.monotonic()
-        while call.granted <= 4:
-            assert not call.done, call.final  # no cutoff at the end of the old final grant
-            assert time.monotonic() < end_of_final_grant + 0.5, "the call never renewed"
-            await asyncio.sleep(0.02)
-        renewed = time.monotonic()
-        assert renewed < end_of_final_grant
-        await asyncio.sleep(max(0.0, end_of_final_grant + 0.5 - time.monotonic()))
-        assert not call.done
-        await call.end()
-        assert call.final is not None and call.final.WhichOneof("msg") == "summary", call.final
-        assert call.final.summary.billed_seconds >= 4
+        live = session(r2, "final-grant")
+        assert live is not None
+        await until(lambda: live.exhausted is DenyReason.NONE, "replica 2 heard of the top-up")
+        await clock.advance(0.75)
+        assert call.pending() == []
+        await clock.advance(0.25)  # 3 s: the renewal point, 1 s before the old final grant ends
+        assert (await call.next()).grant.granted_seconds == 7
+        await clock.advance(1.5)  # past 4 s, where the old final grant ended: no warning, no cutoff
+        assert call.pending() == [] and session(r2, "final-grant") is not None
+        summary = (await call.end(5)).summary
+        assert (summary.billed_seconds, summary.client_charged_micros) == (5, 5 * CREDIT)
         await _consistent(r1.app)
-    print(
-        f"\ntop-up on replica 1 -> new grant on replica 2 {(renewed - paid) * 1000:.0f} ms later (at the renewal"
-        f" point), {(end_of_final_grant - renewed) * 1000:.0f} ms before the old final grant would have ended"
-    )
 
 
 def _count_rebuilds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -161,7 +190,6 @@ async def _open_sessions(server: Running, count: int) -> list[str]:
         if i % 2:
             await api.start_call(session_id, "c1")
         ids.append(session_id)
-    await asyncio.sleep(0.3)
     await server.app.flusher.flush()
     return ids
 
@@ -178,18 +206,18 @@ def _settled_once(database_url: str, session_ids: list[str]) -> None:
 
 
 async def test_two_replicas_starting_on_an_empty_redis_rebuild_it_once(
-    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch, clock: ManualClock
 ) -> None:
-    async with make_server(**FAST) as first:
+    async with make_server(clock=clock, **FAST) as first:
         session_ids = await _open_sessions(first, 6)
         await first.app.metering.close()  # a crash: nothing settles its sessions on the way out
     services.delete_redis_keys(backend["redis_prefix"])  # Redis lost everything
     rebuilds = _count_rebuilds(monkeypatch)
     settings = {"listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN, "flush_interval_seconds": 0.05, **backend, **FAST}
-    replicas = [App(Settings(**settings)) for _ in range(2)]
-    await asyncio.gather(*(app.start() for app in replicas))
+    replicas = [App(Settings(**settings), clock) for _ in range(2)]
+    await asyncio.gather(*(app.start() for app in replicas))  # both find Redis empty at once
     try:
-        await asyncio.sleep(1.5)  # both health monitors look at the store at least once
+        await clock.advance(2)  # both health monitors look at the store, twice
         assert len(rebuilds) == 1, rebuilds
         for app in replicas:
             assert await app.ctx.store.ping() is True
@@ -202,33 +230,51 @@ async def test_two_replicas_starting_on_an_empty_redis_rebuild_it_once(
 
 
 async def test_two_running_replicas_rebuild_a_lost_redis_once(
-    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch, clock: ManualClock
 ) -> None:
+    # A clock for each replica, at the same time and moved together: their health monitors
+    # look at the store at the same moment and race to rebuild it (on one shared clock, the
+    # first would rebuild before the second looked, and the race would never be run).
+    clocks = (clock, ManualClock(clock.now()))
+
+    async def advance(seconds: float) -> None:
+        await asyncio.gather(*(c.advance(seconds) for c in clocks))
+
     redis = RedisServer()  # of our own, so that losing its data is one atomic event
     redis.start()
     try:
-        async with make_server(redis_url=redis.url, **FAST) as r1, make_server(redis_url=redis.url, **FAST) as r2:
+        async with (
+            make_server(clock=clocks[0], redis_url=redis.url, **FAST) as r1,
+            make_server(clock=clocks[1], redis_url=redis.url, **FAST) as r2,
+        ):
             session_ids = await _open_sessions(r1, 4)
-            live = [LiveCall(api, f"live-{i}", "c1") for i, api in enumerate((r1.api, r2.api, r2.api))]
-            await asyncio.gather(*(call.open() for call in live))
-            await asyncio.sleep(0.3)
+            served = {f"live-{i}": server for i, server in enumerate((r1, r2, r2))}
+            live = {session_id: await _answered(server.api, session_id, "c1") for session_id, server in served.items()}
+            await advance(2)  # renewed once (the next renewal is due at 5 s)
+            for call in live.values():
+                assert (await call.next()).grant.granted_seconds == 6
+            await r1.app.flusher.flush()
+            await r2.app.flusher.flush()  # the database knows every session as open
             rebuilds = _count_rebuilds(monkeypatch)
             redis.kill()
+            await advance(1)  # 3 s: the health monitors find the store down
+            assert [r.app.ctx.status.store_ok for r in (r1, r2)] == [False, False]
             redis.start()  # the same port, empty
-            for call in live:
-                await call.wait(8)
-                assert call.final is not None, (call.session_id, call.error)
-                assert call.final.cutoff.reason == common_pb2.DENY_REASON_SERVICE_UNAVAILABLE
-            await asyncio.sleep(1.2)
+            assert rebuilds == [] and all(call.pending() == [] for call in live.values())
+            await advance(1)  # 4 s: both find it empty at once, cut their calls, and one of them rebuilds it
+            for call in live.values():
+                cutoff = (await call.next()).cutoff
+                assert (cutoff.reason, cutoff.billed_seconds) == (common_pb2.DENY_REASON_SERVICE_UNAVAILABLE, 4)
             assert len(rebuilds) == 1, rebuilds
+            await advance(2)  # they look again, twice; the lost sessions' settlements are retried
+            assert len(rebuilds) == 1, rebuilds
+            assert all(session(server, session_id) is None for session_id, server in served.items())
             for i, server in enumerate((r1, r2)):  # both serve again
-                after = LiveCall(server.api, f"after-{i}", "c2")
-                await after.open()
-                await after.end()
-                assert after.final is not None and after.final.WhichOneof("msg") == "summary"
+                after = await _answered(server.api, f"after-{i}", "c2")
+                assert (await after.end(1)).summary.billed_seconds == 1
             await r1.app.flusher.flush()
             await r2.app.flusher.flush()
-            _settled_once(backend["database_url"], session_ids + [call.session_id for call in live])
+            _settled_once(backend["database_url"], session_ids + list(live))
             await _consistent(r2.app)
     finally:
         redis.close()

@@ -1,5 +1,9 @@
 """Real creditd servers for the client tests, from the server's own test fixtures.
 
+`fast_server` (with `client` and `setup`) runs on the real clock. `manual_server` (with
+`manual_client` and `manual_setup`) is the same server on the ManualClock `clock`: a test
+moves the server's time with `clock.advance`, as the server's own session tests do.
+
 Run from the repository root: `python -m pytest clients/python/tests`.
 """
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from creditd.engine.clock import ManualClock
 
 from creditd_client import aio
 from tests.conftest import ADMIN_TOKEN, Running, ServerFactory, api, make_server, server
@@ -40,6 +45,24 @@ async def client(fast_server: Running) -> AsyncIterator[aio.Client]:
         yield connected
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def manual_server(make_server: ServerFactory, clock: ManualClock) -> AsyncIterator[Running]:
+    """The fast server on a ManualClock: its time moves only by `clock.advance`."""
+    async with make_server(clock=clock, **FAST) as running:
+        yield running
+
+
+@pytest.fixture
+async def manual_client(manual_server: Running) -> AsyncIterator[aio.Client]:
+    async with aio.Client(manual_server.app.address, ADMIN_TOKEN) as connected:
+        yield connected
+
+
 @dataclass
 class Setup:
     """An agency with a plan at one credit a second and a REBILLING client on it."""
@@ -51,6 +74,15 @@ class Setup:
 
 @pytest.fixture
 async def setup(client: aio.Client) -> Setup:
+    return await new_setup(client)
+
+
+@pytest.fixture
+async def manual_setup(manual_client: aio.Client) -> Setup:
+    return await new_setup(manual_client)
+
+
+async def new_setup(client: aio.Client) -> Setup:
     run = uuid.uuid4().hex[:8]
     result = Setup(f"agency-{run}", "per-second", f"client-{run}")
     await client.create_agency(result.agency_id, "Test agency")
