@@ -116,3 +116,40 @@ async def test_concurrent_flushes_of_one_outbox_write_each_record_once(
     finally:
         for _, db in flushers[:2]:
             await db.close()
+
+
+async def test_closing_lets_the_flush_in_progress_commit(store: HotStore, database_urls: tuple[str, str]) -> None:
+    """A flush cut off midway would leave its transaction to the driver (on SQLite a write
+    lock the final flush then waits for): close() lets it finish, then moves the rest."""
+    _, reachable = database_urls
+    records = _records(float(int(time.time())))
+    await store.append_records("a1", list(records))
+    flusher, db = await _flusher(store, reachable)
+    writing, release = asyncio.Event(), asyncio.Event()
+    write_records = db.write_records
+    cut_off: list[int] = []
+
+    async def slow_write(batch: list[LedgerRecord | EventRecord | SessionRecord]) -> None:
+        writing.set()
+        try:
+            await release.wait()  # the shutdown arrives while this batch is being written
+        except asyncio.CancelledError:
+            cut_off.append(len(batch))
+            raise
+        await write_records(batch)
+
+    db.write_records = slow_write  # type: ignore[method-assign]
+    try:
+        flusher.start()
+        await asyncio.wait_for(writing.wait(), 30)
+        closing = asyncio.create_task(flusher.close())
+        await asyncio.sleep(0)
+        assert not closing.done()
+        release.set()
+        await asyncio.wait_for(closing, 30)
+        assert cut_off == []
+        assert await store.take_records(100) == []
+        entries, _ = await db.list_ledger("c1", None, 10, None)
+        assert entries == [records[0]] and await db.get_session("a1", "s1") == records[1]
+    finally:
+        await db.close()

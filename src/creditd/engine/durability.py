@@ -34,13 +34,17 @@ class Flusher:
         self.ctx = ctx
         self.oldest_pending: float | None = None  # created time of the oldest unflushed record
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="flusher")
 
     async def close(self) -> None:
+        """Let the flush in progress finish, then move what is left. Cancelling a flush
+        midway would leave its transaction to the driver: on SQLite, a write lock that the
+        last flush then waits for."""
+        self._closing.set()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
@@ -76,13 +80,14 @@ class Flusher:
                 return moved
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing.is_set():
             try:
                 await self.flush()
             except Exception as exc:  # the records stay in the outbox; try again
                 log.warning("write-behind failed, will retry: %s", exc)
             raise_if_cancelled()
-            await asyncio.sleep(self.ctx.settings.flush_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.ctx.settings.flush_interval_seconds)
 
 
 async def rebuild(ctx: Context, agencies: Collection[str] | None = None) -> int:
