@@ -10,6 +10,7 @@ while the replica drains for shutdown, SERVING again when they answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable
@@ -51,6 +52,7 @@ from creditd.store.redis_client import is_cluster
 from creditd.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+STORE_LOST = "store:lost"  # bus notification: a replica found the hot store's data gone and rebuilds it
 SERVICE_NAMES = (
     metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
@@ -197,6 +199,12 @@ class App:
             self._rebuild_agencies,
         )
         self.monitor.start()
+        # An operation that finds the hot store's data gone, or another replica that says
+        # so, makes the monitor check at once (readiness NOT_SERVING before the rebuild).
+        self.ctx.store.loss_listeners.append(self.monitor.wake)
+        watching = asyncio.Event()
+        self._loss_watch = asyncio.create_task(self._watch_losses(watching), name="store-loss-watch")
+        await watching.wait()
 
         server = grpc.aio.server(options=server_options(settings), interceptors=[self.telemetry.interceptor()])
         metering_pb2_grpc.add_MeteringServiceServicer_to_server(
@@ -247,10 +255,19 @@ class App:
         for name in SERVICE_NAMES:
             await self.health.set(name, status)
 
+    async def _watch_losses(self, ready: asyncio.Event) -> None:
+        async with self.ctx.bus.subscribe(lambda channel: channel == STORE_LOST) as queue:
+            ready.set()
+            while True:
+                await queue.get()
+                self.monitor.wake()
+
     async def _serving_changed(self, serving: bool) -> None:
         await self._set_readiness(serving)
         if serving:
             log.warning("ready again: both stores answer")
+        elif self.ctx.status.rebuilding:
+            log.warning("not ready: the hot store lost its data; UNAVAILABLE until it is rebuilt from the database")
         elif not self.ctx.status.draining:
             log.warning(
                 "not ready: hot store %s, database %s",
@@ -262,7 +279,7 @@ class App:
         """The hot store lost its data: its live calls are gone with it. One replica rebuilds
         it from the database (settling the sessions the database knows as open); the others
         wait until it is whole."""
-        log.warning("the hot store lost everything it held; rebuilding it from the database")
+        log.warning("the hot store lost everything it held (Redis lost its data); its live calls here are cut")
         for session in list(self.metering.voice.sessions.values()):
             self.metering.voice.interrupt(session, DenyReason.SERVICE_UNAVAILABLE)
         await self._rebuild_once()
@@ -288,6 +305,7 @@ class App:
         async with store.rebuild_lock() as mine:
             missing = set(agencies) - await store.agencies_present(sorted(agencies))
             if mine and missing:
+                await self.ctx.bus.publish(STORE_LOST)  # the other replicas check at once
                 await rebuild(self.ctx, missing)
                 return
         while set(agencies) - await store.agencies_present(sorted(agencies)):  # noqa: ASYNC110 - another replica rebuilds
@@ -301,7 +319,11 @@ class App:
             # Checked again under the lock: another replica may have finished meanwhile, and
             # a second rebuild would settle its sessions twice.
             if mine and await self.ctx.store.ping() is False:
+                log.warning("rebuilding the hot store from the database here")
+                await self.ctx.bus.publish(STORE_LOST)  # the other replicas check at once
                 return await rebuild(self.ctx)
+        if await self.ctx.store.ping() is False:
+            log.warning("another replica rebuilds the hot store from the database; waiting for it")
         while await self.ctx.store.ping() is False:  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.2)
         return 0
@@ -315,6 +337,9 @@ class App:
         await self.metering.drain(asyncio.get_running_loop().time() + wait)
 
     async def stop(self, grace: float = 1.0) -> None:
+        self._loss_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loss_watch
         await _bounded("monitor", self.monitor.close())
         await _bounded("health", self.health.enter_graceful_shutdown())
         if self.server is not None:

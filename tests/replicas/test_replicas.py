@@ -17,8 +17,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 from creditd_client.v1 import account_pb2, common_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from creditd.app import App
 from creditd.config import Settings
@@ -26,6 +28,7 @@ from creditd.domain.records import DenyReason
 from creditd.engine import durability
 from creditd.engine.clock import ManualClock
 from creditd.engine.context import Context
+from creditd.engine.health import Monitor
 from tests import services
 from tests.calls import Call, session, until
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
@@ -38,6 +41,7 @@ FAST: dict[str, Any] = {
     "grace_seconds": 2.0,
     "authorize_ttl_seconds": 5.0,
 }
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 PER_SECOND = 60 * CREDIT  # a rate of one credit a second: whole micros for every second
 
 
@@ -275,6 +279,72 @@ async def test_two_running_replicas_rebuild_a_lost_redis_once(
             await r1.app.flusher.flush()
             await r2.app.flusher.flush()
             _settled_once(backend["database_url"], session_ids + list(live))
+            await _consistent(r2.app)
+    finally:
+        redis.close()
+
+
+async def _readiness(api: Api) -> int:
+    reply = await health_pb2_grpc.HealthStub(api.channel).Check(
+        health_pb2.HealthCheckRequest(service="creditd.v1.LedgerService"), timeout=2
+    )
+    return int(reply.status)
+
+
+async def _until_readiness(api: Api, want: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while await _readiness(api) != want:
+        assert time.monotonic() < deadline, f"readiness never became {want}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_replica_that_finds_the_loss_and_one_that_is_told_are_not_ready_until_the_rebuild_ends(
+    make_server: ServerFactory, backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No periodic health checks here: only what wakes a replica's monitor. Replica 1 finds
+    the loss by an operation and rebuilds; replica 2, with no traffic, hears of it from
+    replica 1 (bus) and waits. Both are NOT_SERVING, and answer UNAVAILABLE, until the
+    rebuild (held open by the test) ends."""
+    monkeypatch.setattr(Monitor, "start", lambda self: None)
+    redis = RedisServer()  # of our own, so that losing its data is one atomic event
+    redis.start()
+    try:
+        async with make_server(redis_url=redis.url, **FAST) as r1, make_server(redis_url=redis.url, **FAST) as r2:
+            await _agency(r1.api, pool_credits=10, client_credits=5, clients=1)
+            held, release = asyncio.Event(), asyncio.Event()
+            original: Callable[..., Awaitable[int]] = durability.rebuild
+
+            async def held_rebuild(ctx: Context, agencies: Any = None) -> int:
+                held.set()
+                await release.wait()
+                return await original(ctx, agencies)
+
+            monkeypatch.setattr("creditd.app.rebuild", held_rebuild)
+            client = redis.client()
+            try:
+                client.flushall()  # Redis lost everything
+            finally:
+                client.close()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await r1.api.balance("c1")
+            assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+            await asyncio.wait_for(held.wait(), 10)  # replica 1 rebuilds
+            await _until_readiness(r1.api, NOT_SERVING)
+            await _until_readiness(r2.api, NOT_SERVING)  # told by replica 1, before the rebuild ends
+            for api in (r1.api, r2.api):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await api.balance("c1")
+                assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await api.topup("c1", CREDIT, "during-the-rebuild")
+                assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert await _readiness(r2.api) == NOT_SERVING  # still: the rebuild has not ended
+            release.set()
+            await _until_readiness(r1.api, SERVING)
+            await _until_readiness(r2.api, SERVING)
+            for api in (r1.api, r2.api):
+                assert (await api.balance("c1")).voice.purchased_micros == 5 * CREDIT
+            assert "during-the-rebuild" not in Ledger(backend["database_url"]).topup_keys()  # refused, not committed
             await _consistent(r2.app)
     finally:
         redis.close()

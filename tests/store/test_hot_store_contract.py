@@ -259,6 +259,8 @@ async def test_an_agency_whose_state_the_redis_store_lost_is_unavailable_never_m
         opened = await reserve(store, "s1", 60, {"c1": terms(C), "ag": terms(C)}, open_as=opening())
         assert opened.granted_seconds == 60
         await _delete_keys(store._prefix + "*", REDIS_URL, cluster=False)  # the store lost everything it held
+        told: list[str] = []
+        store.loss_listeners.append(told.append)  # the health monitor's wake-up
         calls = [
             store.read_wallet(AGENCY, "c1", VOICE, T0),
             store.apply_topup(AGENCY, topup_entry("c1", VOICE, 0, C), T0),
@@ -274,6 +276,7 @@ async def test_an_agency_whose_state_the_redis_store_lost_is_unavailable_never_m
                 await call
             assert raised.value.metadata == {"state": "rebuilding", "agency_id": AGENCY}
         assert store.lost == {AGENCY}
+        assert told == [AGENCY]  # once, when the loss was first found
         await store.load([], [], ())  # a rebuild that knows no wallet of it still marks nothing
         assert await store.agencies_present([AGENCY]) == set()
         await store.load([(AGENCY, WalletState("c1", VOICE, WalletConfig(), 0, 0))], [], ())

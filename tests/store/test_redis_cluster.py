@@ -178,13 +178,15 @@ async def test_the_hot_store_runs_its_scripts_by_name(cluster_store: RedisHotSto
             agency, agency, VOICE, WalletConfig(free_allowance_micros=0), T0, new_agency=True
         )
     common = cluster_store._common(T0, [1])
+    store = cluster_store
     calls = [
-        ("read_wallet", [cluster_store._wallet_key(a, a, VOICE), cluster_store._outbox_key(a)], common)
-        for a in [*AGENCIES[:6], "nobody"]
+        ("read_wallet", [store._wallet_key(a, account, VOICE), store._outbox_key(a), store._agency_marker(a)], common)
+        for a, account in [*((a, a) for a in AGENCIES[:6]), (AGENCIES[0], "nobody"), ("gone", "gone")]
     ]
-    replies = await cluster_store.run_scripts(calls)
+    replies = await store.run_scripts(calls)
     assert [reply[:2] for reply in replies[:6]] == [["OK", a] for a in AGENCIES[:6]]
-    assert replies[6] == ["NONE"]
+    assert replies[6] == ["NONE"]  # the agency is there, the wallet is not
+    assert replies[7] == ["LOST"]  # no state of the agency at all
 
 
 async def test_notifications_reach_every_replica_over_every_shard(redis_cluster: LocalRedisCluster) -> None:

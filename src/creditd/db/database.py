@@ -40,6 +40,7 @@ from creditd.domain.wallet import RefillSettings
 from creditd.errors import AlreadyExists, InvalidArgument, NotFound, StoreUnavailable
 
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError)
+REBUILD_FENCE_SECONDS = 10.0  # how long a rebuild waits for the write-behind batches in flight
 
 
 def _ts(micros: int) -> float:
@@ -409,6 +410,27 @@ class Database:
             return
         async with self._tx() as conn:
             await self._write(conn, batch)
+
+    @contextlib.asynccontextmanager
+    async def write_fence(self) -> AsyncIterator[None]:
+        """Hold the write-behind fence for a take from the hot store and the `write_records`
+        of what it took (see creditd.db.postgres_writer). SQLite: nothing to hold (one
+        process)."""
+        if self._postgres_writer is None:
+            yield
+            return
+        async with self._postgres_writer.fence():
+            yield
+
+    @contextlib.asynccontextmanager
+    async def rebuild_fence(self, wait_seconds: float = REBUILD_FENCE_SECONDS) -> AsyncIterator[None]:
+        """Hold the write-behind fence alone while the hot store is rebuilt: no write-behind
+        of any replica commits records it took before, or takes any, meanwhile."""
+        if self._postgres_writer is None:
+            yield
+            return
+        async with self._postgres_writer.exclusive_fence(wait_seconds):
+            yield
 
     async def _write(self, conn: AsyncConnection, batch: RecordBatch) -> None:
         if batch.entries:

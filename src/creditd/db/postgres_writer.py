@@ -5,12 +5,22 @@ binary) into a temporary staging table, then moved with one INSERT â€¦ SELECT â€
 per table. The statements are the ones of creditd.db.outbox (which the SQLite path
 executes through SQLAlchemy), compiled once, so both paths follow the same conflict rules.
 Per row this costs a COPY row, not a bound statement.
+
+The write-behind fence (a Postgres advisory lock): the write-behind takes records from the
+hot store and writes them in one transaction that holds it shared (`fence`); a rebuild of
+the hot store holds it exclusively (`exclusive_fence`) while it reads the database and
+loads the store. So the rebuild never reads between another replica's take and the commit
+of what it took: records taken from a Redis that lost its data just after are in the
+database before the rebuild reads it, not committed behind its back (an open session that
+nothing settles, usage missing from the rebuilt balances).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +79,11 @@ _USAGE_UPSERT = str(
 _SESSIONS = _stage(t.sessions, outbox.SESSION_COLUMNS, outbox.session_upsert)
 _EVENTS = _stage(t.events, outbox.EVENT_COLUMNS, outbox.event_insert)
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+FENCE_LOCK = 0x63726564_7762  # "cred" "wb": the write-behind fence (see the module doc)
+# The connection whose transaction holds the fence, in the task that holds it (see `fence`).
+_FENCED: contextvars.ContextVar[psycopg.AsyncConnection[Any] | None] = contextvars.ContextVar(
+    "creditd_fenced_write", default=None
+)
 
 
 def conninfo(url: str) -> str:
@@ -86,8 +101,12 @@ class PostgresWriter:
         self._lock = asyncio.Lock()
 
     async def write(self, batch: RecordBatch) -> None:
-        """Write a batch in one transaction. StoreUnavailable when Postgres cannot be
-        reached; then nothing of the batch is written."""
+        """Write a batch in one transaction (inside `fence`: in its transaction).
+        StoreUnavailable when Postgres cannot be reached; then nothing of the batch is written."""
+        fenced = _FENCED.get()
+        if fenced is not None and fenced is self._conn:
+            await self._write(fenced, batch)
+            return
         async with self._lock:
             try:
                 conn = await self._connection()
@@ -99,6 +118,51 @@ class PostgresWriter:
             except BaseException:
                 await self._discard_if_unusable()
                 raise
+
+    @contextlib.asynccontextmanager
+    async def fence(self) -> AsyncIterator[None]:
+        """A transaction that holds the write-behind fence shared, for the block: what the
+        block takes from the hot store and `write`s is committed before a rebuild reads."""
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FENCE_LOCK,))
+                    token = _FENCED.set(conn)
+                    try:
+                        yield
+                    finally:
+                        _FENCED.reset(token)
+            except _UNAVAILABLE as exc:
+                await self._discard_if_unusable()
+                raise StoreUnavailable(f"database unavailable: {exc}") from exc
+            except BaseException:
+                await self._discard_if_unusable()
+                raise
+
+    @contextlib.asynccontextmanager
+    async def exclusive_fence(self, wait_seconds: float) -> AsyncIterator[None]:
+        """Hold the write-behind fence alone (a rebuild), once the writes in flight of every
+        replica have committed; StoreUnavailable if that takes longer than `wait_seconds`."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        try:
+            try:
+                await conn.execute(f"SET lock_timeout = {int(wait_seconds * 1000)}")
+                await conn.execute("SELECT pg_advisory_lock(%s)", (FENCE_LOCK,))
+            except psycopg.errors.LockNotAvailable as exc:
+                raise StoreUnavailable(
+                    f"the write-behind fence was not free within {wait_seconds:g}s; try again", state="rebuilding"
+                ) from exc
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"database unavailable: {exc}") from exc
+            yield  # released with the connection (a rebuilding process that dies frees it too)
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         async with self._lock:

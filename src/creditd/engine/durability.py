@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from creditd.aio import raise_if_cancelled
 from creditd.domain.accounts import Account, Plan
 from creditd.domain.periods import period_bounds_epoch
-from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, SessionRecord
+from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, Record, SessionRecord
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
 from creditd.errors import StoreUnavailable
@@ -63,15 +63,23 @@ class Flusher:
         """
         moved = 0
         limit = self.ctx.settings.flush_batch
+        store, db = self.ctx.store, self.ctx.db
         while True:
-            batch = await self.ctx.store.take_records(limit)
+            # A look first, so that an idle outbox costs the database nothing; then the
+            # records are taken again and written inside the write-behind fence: a rebuild
+            # of the hot store never reads the database between the take and the commit.
+            batch = await store.take_records(limit)
+            if batch:
+                self.oldest_pending = _oldest(batch)
+                async with db.write_fence():
+                    batch = await store.take_records(limit)
+                    records = [record for _, record in batch]
+                    if records:
+                        await db.write_records(records)
             if not batch:
                 self.oldest_pending = None
                 return moved
-            self.oldest_pending = min(getattr(r, "created_at", getattr(r, "updated_at", 0.0)) for _, r in batch)
-            records = [record for _, record in batch]
-            await self.ctx.db.write_records(records)
-            await self.ctx.store.ack_records([record_id for record_id, _ in batch])
+            await store.ack_records([record_id for record_id, _ in batch])
             moved += len(batch)
             if any(isinstance(r, EventRecord) for r in records):
                 await self.ctx.bus.publish("events")
@@ -90,6 +98,11 @@ class Flusher:
                 await asyncio.wait_for(self._closing.wait(), self.ctx.settings.flush_interval_seconds)
 
 
+def _oldest(batch: list[tuple[str, Record]]) -> float:
+    """When the oldest of these records was made (what the lag metric reports)."""
+    return min(getattr(r, "created_at", getattr(r, "updated_at", 0.0)) for _, r in batch)
+
+
 async def rebuild(ctx: Context, agencies: Collection[str] | None = None) -> int:
     """Load the hot store from the database, then settle sessions nobody is serving anymore:
     all of it, or only the state of `agencies` (a cluster shard that came back empty).
@@ -101,6 +114,14 @@ async def rebuild(ctx: Context, agencies: Collection[str] | None = None) -> int:
         return agencies is None or agency_id in agencies
 
     await Flusher(ctx).flush()  # whatever the store still holds belongs in the totals
+    # No write-behind of any replica commits what it took from the store before it lost its
+    # data (or takes anything) while the database is read and the store loaded: see
+    # creditd.db.postgres_writer.
+    async with ctx.db.rebuild_fence():
+        return await _rebuild(ctx, wanted)
+
+
+async def _rebuild(ctx: Context, wanted: Callable[[str], bool]) -> int:
     now = ctx.now()
     db = ctx.db
     # Top-ups commit to the database while this runs (on other replicas, or before this one

@@ -9,6 +9,7 @@ renewing while the hot store answers and the write-behind is no more than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ class Status:
         self.store_ok = True
         self.db_ok = True
         self.draining = False
+        self.rebuilding = False  # the hot store lost its data and is being rebuilt (store_ok is False)
         self.max_unrecorded_seconds = max_unrecorded_seconds
         self.lag: Callable[[], float] = lambda: 0.0
 
@@ -35,6 +37,10 @@ class Status:
     def require_serving(self) -> None:
         if self.draining:
             raise StoreUnavailable("the server is shutting down; use another replica", state="draining")
+        if self.rebuilding:
+            raise StoreUnavailable(
+                "the hot store lost its data and is being rebuilt; nothing was granted", store="hot", state="rebuilding"
+            )
         if not self.store_ok:
             raise StoreUnavailable("the hot store is unavailable; nothing was granted", store="hot")
         if not self.db_ok:
@@ -46,7 +52,13 @@ class Status:
 
 
 class Monitor:
-    """Pings both stores every `interval` seconds and reports changes of `serving`."""
+    """Pings both stores every `interval` seconds and reports changes of `serving`.
+
+    `wake` checks at once instead (an operation found the hot store's data gone, or
+    another replica said so): readiness goes NOT_SERVING before the rebuild starts, not
+    up to an interval later, when another replica may have rebuilt the store already.
+    Checks run one at a time.
+    """
 
     def __init__(
         self,
@@ -71,16 +83,52 @@ class Monitor:
         self._interval = interval
         self._periodic: Periodic | None = None
         self._slow = {"store": 0, "database": 0}  # unanswered pings in a row
+        self._lock = asyncio.Lock()
+        self._reported = status.serving  # what on_change last said (the app sets readiness so at start)
+        self._woken: asyncio.Task[None] | None = None
+        self._wake_pending = False
+        self._closed = False
 
     def start(self) -> None:
         self._periodic = self.clock.every(self._interval, self.check, "health-monitor")
 
     async def close(self) -> None:
+        self._closed = True
         if self._periodic is not None:
             await self._periodic.stop()
+        if self._woken is not None:
+            self._woken.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._woken
+
+    def wake(self, agency_id: str = "") -> None:
+        """Check now, not at the next interval (a HotStore loss listener: `agency_id` is the
+        agency an operation found without its state)."""
+        if self._closed:
+            return
+        self._wake_pending = True
+        if self._woken is None or self._woken.done():
+            self._woken = self.clock.spawn(self._checks_now(), "health-check-now")
+
+    async def _checks_now(self) -> None:
+        while self._wake_pending and not self._closed:
+            self._wake_pending = False  # a wake-up during this check asks for one more
+            try:
+                await self.check()
+            except Exception:
+                log.exception("health check failed")
+
+    async def _report(self) -> None:
+        serving = self.status.serving
+        if serving != self._reported:
+            self._reported = serving
+            await self._on_change(serving)
 
     async def check(self) -> None:
-        before = self.status.serving
+        async with self._lock:
+            await self._check()
+
+    async def _check(self) -> None:
         intact = False
         try:
             intact = await asyncio.wait_for(self._ping_store(), self._interval) is not False
@@ -95,10 +143,16 @@ class Monitor:
             self.status.store_ok = False
             log.warning("hot store unavailable: %s", exc)
         if self.status.store_ok and not intact:
-            # The hot store answers but lost what it held: rebuild it before serving again.
+            # The hot store answers but lost what it held: not ready from now until it is
+            # rebuilt (here or by another replica).
             self.status.store_ok = False
+            self.status.rebuilding = True
             started = time.monotonic()
-            await self._on_store_lost()
+            try:
+                await self._report()
+                await self._on_store_lost()
+            finally:
+                self.status.rebuilding = False
             self.status.store_ok = True
             log.warning("hot store rebuilt from the database in %.2fs", time.monotonic() - started)
         elif self.status.store_ok:
@@ -126,8 +180,7 @@ class Monitor:
         except (StoreUnavailable, OSError) as exc:
             self.status.db_ok = False
             log.warning("database unavailable: %s", exc)
-        if self.status.serving != before:
-            await self._on_change(self.status.serving)
+        await self._report()
 
     def _too_slow(self, store: str) -> bool:
         """A ping that did not answer in time: an outage only after SLOW_PINGS in a row. On a

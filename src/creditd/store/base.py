@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator, Collection, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from creditd.domain.records import BalanceType, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
 from creditd.errors import CreditdError, FailedPrecondition, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class SessionTakenOver(FailedPrecondition):
@@ -170,12 +173,31 @@ class HotStore(abc.ABC):
     # Agencies an operation found without their state (the store lost its data); the
     # health monitor has them rebuilt.
     lost: set[str]
+    # Called with the agency when an operation finds its state gone (see `found_lost`):
+    # the health monitor checks the store at once instead of at its next interval.
+    loss_listeners: list[Callable[[str], None]]
     # Whether the store can lose the state of some agencies alone (a Redis Cluster's shard):
     # then the health monitor checks every agency's marker, not only the whole store's.
     sharded: bool = False
 
     def __init__(self) -> None:
         self.lost = set()
+        self.loss_listeners = []
+
+    def found_lost(self, agency_id: str) -> StoreUnavailable:
+        """An operation found the agency's state gone (the store lost its data): note it,
+        say so once in the log, tell the listeners, and return the error to raise
+        (UNAVAILABLE: retryable, never a NOT_FOUND)."""
+        if agency_id not in self.lost:
+            self.lost.add(agency_id)
+            log.warning(
+                "the hot store lost the state of agency %s (Redis lost its data): it answers UNAVAILABLE"
+                " until the state is rebuilt from the database",
+                agency_id,
+            )
+            for listener in list(self.loss_listeners):
+                listener(agency_id)
+        return lost(agency_id)
 
     @abc.abstractmethod
     async def configure_wallet(

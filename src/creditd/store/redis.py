@@ -40,13 +40,17 @@ Several replicas may take the same records; the database writes them idempotentl
 Record ids are a prefix per call (random per process, then a count) plus a counter ("<prefix>-1", "<prefix>-2", ...).
 An outbox id is "<agency>/<stream entry id>".
 
-Loss: Redis without persistence comes back empty after a restart, and a Redis Cluster
-shard can come back empty alone. Each agency's marker P{a}:m is set when the agency is
-created and by load(), last. A script that does not find what it needs (a wallet, a
-session) is answered NOT_FOUND only while the agency's marker is there; without it, the
-agency's state was lost: StoreUnavailable (retryable), the agency is added to `lost`, and
-the replicas rebuild it from the database (creditd.engine.durability). A configuration
-of an existing agency needs its marker too, so a loss is never filled in with half a state.
+Loss: Redis without persistence comes back empty after a restart (or FLUSHALL), and a
+Redis Cluster shard can come back empty alone. Each agency's marker P{a}:m is set when
+the agency is created and by load(), in the transaction that writes the agency's state.
+A script that does not find what it needs (a wallet, a session) checks the marker in the
+same atomic step and answers LOST without it: the agency's state was lost, so the call
+raises StoreUnavailable (retryable), the agency is added to `lost` (HotStore.found_lost,
+which also wakes the health monitor), and the replicas rebuild it from the database
+(creditd.engine.durability). Not a second round trip: a marker read after the script
+could already be the one another replica's rebuild just wrote, and turn "lost" into a
+NOT_FOUND for an account that exists. A configuration of an existing agency needs its
+marker too, so a loss is never filled in with half a state.
 
 Differences from the embedded store, all deliberate:
   * Errors are atomic: a missing wallet or an impossible settlement changes nothing,
@@ -112,7 +116,6 @@ from creditd.store.base import (
     SettleResult,
     SmsDebitRequest,
     SmsDebitResult,
-    lost,
     message_id_reused,
 )
 from creditd.store.batch import Call, ScriptBatcher
@@ -192,6 +195,7 @@ class RedisHotStore(HotStore):
         self._periods: dict[int, tuple[int, int]] = {}  # anchor day -> bounds of the current period
         self._dirty: dict[str, int] = {}  # agency -> generation of its last write
         self._generation = itertools.count(1)
+        self._loaded_seen: str | None = None  # the value of Ploaded this process last saw (or wrote)
         self._record_prefix = uuid.uuid4().hex[:20] + "."
         self._record_calls = itertools.count(1)
 
@@ -232,18 +236,6 @@ class RedisHotStore(HotStore):
         if errors:
             raise errors[0]
         return {a for a, reply in zip(agency_ids, replies, strict=True) if reply}
-
-    async def _missing(self, agency_id: str, error: CreditdError) -> CreditdError:
-        """`error` for something the script did not find, unless the agency's whole state is
-        gone (the store lost its data): then StoreUnavailable, never a NOT_FOUND."""
-        with redis_errors():
-            present = await self._redis.exists(self._agency_marker(agency_id))
-        if not present:
-            if agency_id not in self.lost:
-                log.warning("the hot store holds no state of agency %s: it lost its data, to be rebuilt", agency_id)
-            self.lost.add(agency_id)
-            return lost(agency_id)
-        return error
 
     # -- calling scripts -------------------------------------------------------------------
 
@@ -336,8 +328,15 @@ class RedisHotStore(HotStore):
             return True
         await ping_all(self._redis)
         with redis_errors():
-            loaded: int = await self._redis.exists(self._marker)
-        return bool(loaded)
+            loaded = cast(str | None, await self._redis.get(self._marker))
+        if loaded is None:
+            return False
+        if self._loaded_seen is not None and loaded != self._loaded_seen:
+            # Another replica loaded the store since this one last looked: Redis lost its
+            # data, and it was rebuilt before this replica noticed.
+            log.warning("the hot store lost its data and another replica rebuilt it from the database (%s)", loaded)
+        self._loaded_seen = loaded
+        return True
 
     @contextlib.asynccontextmanager
     async def rebuild_lock(self) -> AsyncIterator[bool]:
@@ -382,20 +381,23 @@ class RedisHotStore(HotStore):
         ]
         reply = await self._eval("configure_wallet", agency_id, keys, args)
         if reply[0] == "LOST":
-            self.lost.add(agency_id)
-            raise lost(agency_id)
+            raise self.found_lost(agency_id)
         self._anchors[account_id] = config.anchor_day
         return [decode_record(text) for text in reply[1:]]
 
     async def read_wallet(
         self, agency_id: str, account_id: str, balance_type: BalanceType, now: float
     ) -> WalletState | None:
-        keys = [self._wallet_key(agency_id, account_id, balance_type), self._outbox_key(agency_id)]
+        keys = [
+            self._wallet_key(agency_id, account_id, balance_type),
+            self._outbox_key(agency_id),
+            self._agency_marker(agency_id),
+        ]
         reply = await self._eval_rolling("read_wallet", agency_id, keys, [account_id], now, [])
         if reply[0] == "NONE":
-            if (await self._missing(agency_id, NotFound("no wallet"))).code == "UNAVAILABLE":
-                raise lost(agency_id)
             return None
+        if reply[0] == "LOST":
+            raise self.found_lost(agency_id)
         return self._wallet_reply(reply, 1)
 
     async def snapshot_wallet(self, agency_id: str, account_id: str, balance_type: BalanceType) -> WalletState | None:
@@ -440,6 +442,7 @@ class RedisHotStore(HotStore):
             self._session_key(agency_id, request.session_id),
             self._outbox_key(agency_id),
             self._live_key(agency_id),
+            self._agency_marker(agency_id),
             *(self._wallet_key(agency_id, account, request.balance_type) for account in accounts),
         ]
         args: list[str | int] = [
@@ -481,11 +484,12 @@ class RedisHotStore(HotStore):
             return ReserveResult(0, 0, None, concurrency_denied=True)
         if status == "STALE":
             raise SessionTakenOver(request.session_id)
+        if status == "LOST":
+            raise self.found_lost(agency_id)
         if status == "NOTOPEN":
-            not_open = FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
-            raise await self._missing(agency_id, not_open)
+            raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
         if status == "NOTFOUND":
-            raise await self._missing(agency_id, _no_wallet(request.balance_type, reply[1]))
+            raise _no_wallet(request.balance_type, reply[1])
         raise RuntimeError(f"reserve: unexpected reply {reply!r}")
 
     async def claim(
@@ -493,7 +497,7 @@ class RedisHotStore(HotStore):
     ) -> SessionState | None:
         key = self._session_key(agency_id, session_id)
         args = [*self._common(now, ()), client_id, repr(float(lease_until))]
-        reply = await self._eval("claim", agency_id, [key], args)
+        reply = await self._eval("claim", agency_id, [key, self._agency_marker(agency_id)], args)
         status = reply[0]
         if status in ("OK", "DONE", "EXPIRED"):
             with redis_errors():
@@ -505,9 +509,9 @@ class RedisHotStore(HotStore):
                 state.status = "expired"
             return state
         if status == "NOSESSION":
-            if (await self._missing(agency_id, NotFound("no session"))).code == "UNAVAILABLE":
-                raise lost(agency_id)
             return None
+        if status == "LOST":
+            raise self.found_lost(agency_id)
         if status == "NOTYOURS":
             return None
         raise RuntimeError(f"claim: unexpected reply {reply!r}")
@@ -531,6 +535,7 @@ class RedisHotStore(HotStore):
                 self._session_key(agency_id, request.session_id),
                 self._outbox_key(agency_id),
                 self._live_key(agency_id),
+                self._agency_marker(agency_id),
                 *(self._wallet_key(agency_id, account, BalanceType.VOICE) for account in accounts),
                 *(self._client_key(agency_id, client) for client in clients),
             ]
@@ -560,11 +565,12 @@ class RedisHotStore(HotStore):
                 clients += [c for c in reply[2].split(",") if c and c not in clients]
             elif status == "STALE":
                 raise SessionTakenOver(request.session_id)
+            elif status == "LOST":
+                raise self.found_lost(agency_id)
             elif status == "NOSESSION":
-                no_session = NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
-                raise await self._missing(agency_id, no_session)
+                raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
             elif status == "NOTFOUND":
-                raise await self._missing(agency_id, _no_wallet(BalanceType.VOICE, reply[1]))
+                raise _no_wallet(BalanceType.VOICE, reply[1])
             elif status == "VALUE":
                 raise ValueError(reply[1])
             else:
@@ -577,6 +583,7 @@ class RedisHotStore(HotStore):
         keys = [
             self._sms_key(agency_id, request.client_id, request.message_id),
             self._outbox_key(agency_id),
+            self._agency_marker(agency_id),
             *(self._wallet_key(agency_id, account, BalanceType.SMS) for account in accounts),
         ]
         args: list[str | int] = [
@@ -600,8 +607,10 @@ class RedisHotStore(HotStore):
             return SmsDebitResult(True, _map_reply(reply, 1), duplicate=True)
         if status == "REUSED":
             raise message_id_reused(request)
+        if status == "LOST":
+            raise self.found_lost(agency_id)
         if status == "NOTFOUND":
-            raise await self._missing(agency_id, _no_wallet(BalanceType.SMS, reply[1]))
+            raise _no_wallet(BalanceType.SMS, reply[1])
         if status == "VALUE":
             raise ValueError(reply[1])
         raise RuntimeError(f"debit_sms: unexpected reply {reply!r}")
@@ -611,11 +620,14 @@ class RedisHotStore(HotStore):
             self._wallet_key(agency_id, entry.account_id, entry.balance_type),
             self._topups_key(agency_id),
             self._outbox_key(agency_id),
+            self._agency_marker(agency_id),
         ]
         args: list[str | int] = [entry.entry_id, entry.free_micros, entry.purchased_micros]
         reply = await self._eval_rolling("apply_topup", agency_id, keys, [entry.account_id], now, args)
+        if reply[0] == "LOST":
+            raise self.found_lost(agency_id)
         if reply[0] == "NOTFOUND":
-            raise await self._missing(agency_id, _no_wallet(entry.balance_type, entry.account_id))
+            raise _no_wallet(entry.balance_type, entry.account_id)
         return self._wallet_reply(reply, 1)
 
     async def append_records(self, agency_id: str, records: list[Record]) -> None:
@@ -730,7 +742,9 @@ class RedisHotStore(HotStore):
                 self.lost.discard(agency_id)
             if agencies:
                 await self._redis.sadd(self._registry, *agencies)
-            await self._redis.set(self._marker, repr(time.time()))
+            loaded = repr(time.time())
+            await self._redis.set(self._marker, loaded)
+            self._loaded_seen = loaded
         for _, wallet in wallets:
             self._anchors[wallet.account_id] = wallet.config.anchor_day
         for agency_id in agencies:

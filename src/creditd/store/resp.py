@@ -9,7 +9,11 @@ read: a round trip of redis-py costs about 150 us of CPU, a command here a tenth
 
 A connection that breaks or does not answer in `timeout` seconds fails every command in
 flight with StoreUnavailable (their outcome is unknown: the scripts are idempotent where
-it matters, see creditd.store.redis) and is replaced on the next command.
+it matters, see creditd.store.redis) and is replaced on the next command. There is never
+more than one connection at a time, and each one answers only the commands written on it:
+a reply is matched to its caller by its place in that connection's stream, so a second
+connection (or a stray reply) would hand every caller from then on the reply of another
+command.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -37,26 +41,26 @@ def supports(url: str) -> bool:
 
 
 class _Protocol(asyncio.Protocol):
+    """One TCP connection: the commands written on it, in order, await its replies."""
+
     def __init__(self, owner: RespConnection) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(encoding="utf-8", replyError=ReplyError)
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
+        # Callers of the commands written on this connection and when they were queued: a
+        # reply read here can only answer a command sent here, whatever happens to others.
+        self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def _current(self) -> bool:
-        """Whether this is still the owner's connection (not one it replaced)."""
-        return self.transport is not None and self._owner.transport is self.transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self._current():
-            return
         self._reader.feed(data)
-        pending = self._owner.pending
+        pending = self.pending
         while (reply := self._reader.gets()) is not False:
             if not pending:  # a reply nobody asked for: the stream is out of step
-                self._owner.fail(StoreUnavailable("unexpected reply from Redis"))
+                self._owner.fail(StoreUnavailable("unexpected reply from Redis"), self)
                 return
             future = pending.popleft()[0]
             if not future.done():
@@ -64,11 +68,20 @@ class _Protocol(asyncio.Protocol):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-        self._owner.answered()
+        self._owner.answered(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._current():
-            self._owner.fail(StoreUnavailable(f"the connection to Redis was lost: {exc or 'closed'}"))
+        self.lost = True
+        self._owner.fail(StoreUnavailable(f"the connection to Redis was lost: {exc or 'closed'}"), self)
+
+    def fail(self, error: StoreUnavailable) -> None:
+        """Fail every command in flight here (its outcome is unknown) and drop the connection."""
+        pending, self.pending = self.pending, collections.deque()
+        for future, _ in pending:
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
 
 
 class RespConnection:
@@ -86,24 +99,36 @@ class RespConnection:
             self._setup.append(["SELECT", int(options["db"])])
         self._connect_timeout = connect_timeout
         self._timeout = timeout
-        self.transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None  # the connection new commands go to
         self._connecting: asyncio.Future[None] | None = None
+        # Commands not written yet: their bytes, callers and when they were queued.
         self._queued: list[bytes] = []
+        self._waiting: list[tuple[asyncio.Future[Any], float]] = []
         self._flush_scheduled = False
-        self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
         self.writes = 0  # writes made and commands sent: the batch sizes achieved
         self.commands = 0
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._protocol.transport if self._protocol is not None else None
+
+    @property
+    def pending(self) -> collections.deque[tuple[asyncio.Future[Any], float]]:
+        """Commands sent on the current connection and not answered yet."""
+        return self._protocol.pending if self._protocol is not None else collections.deque()
+
     async def call(self, args: Sequence[str | int]) -> Any:
         """The reply of one command; ReplyError for an error reply, StoreUnavailable when
         Redis could not be reached or did not answer in time."""
-        if self.transport is None:
+        if self._protocol is None:
             await self._connect()
+            if self._protocol is None:  # opened, and lost again already
+                raise StoreUnavailable("the connection to Redis was lost; nothing was sent")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append(pack(args))
-        self.pending.append((future, time.monotonic()))
+        self._waiting.append((future, time.monotonic()))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -112,63 +137,93 @@ class RespConnection:
         return await future
 
     async def _connect(self) -> None:
+        """Open the connection, once for every caller that waits for it."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
         try:
             await asyncio.shield(connecting)
         finally:
-            if connecting.done():
+            # Only this attempt's own waiters forget it: one that wakes up late must not
+            # forget the next attempt, which would let two connections open at once.
+            if connecting.done() and self._connecting is connecting:
                 self._connecting = None
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await asyncio.wait_for(
+            _, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), self._host, self._port), self._connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"the Redis hot store is unavailable: {exc}", error=type(exc).__name__) from exc
-        self.transport = transport
+        if self._protocol is not None:  # never two at once: keep the one in use
+            protocol.fail(StoreUnavailable("a second connection to Redis"))
+            return
+        if protocol.lost:  # closed by Redis before it could be used
+            raise StoreUnavailable("the connection to Redis was closed at once")
+        self._protocol = protocol
         for command in self._setup:
             await self.call(command)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._queued and self.transport is not None:
-            self.writes += 1
-            self.commands += len(self._queued)
-            data, self._queued = b"".join(self._queued), []
-            self.transport.write(data)
+        protocol = self._protocol
+        if not self._queued:
+            return
+        if protocol is None or protocol.transport is None:
+            self._fail_queued(StoreUnavailable("the connection to Redis was lost; nothing was sent"))
+            return
+        self.writes += 1
+        self.commands += len(self._queued)
+        data, self._queued = b"".join(self._queued), []
+        protocol.pending.extend(self._waiting)
+        self._waiting = []
+        protocol.transport.write(data)
 
-    def answered(self) -> None:
-        if not self.pending and self._watchdog is not None:
+    def answered(self, protocol: _Protocol) -> None:
+        if protocol is self._protocol and not protocol.pending and not self._waiting and self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
 
+    def _oldest(self) -> float | None:
+        times = [entries[0][1] for entries in (self.pending, self._waiting) if entries]
+        return min(times) if times else None
+
     def _check_timeout(self) -> None:
         self._watchdog = None
-        if not self.pending:
+        oldest = self._oldest()
+        if oldest is None:
             return
-        age = time.monotonic() - self.pending[0][1]
+        age = time.monotonic() - oldest
         if age >= self._timeout:
             self.fail(StoreUnavailable(f"Redis did not answer within {self._timeout:g}s"))
         else:
             self._watchdog = asyncio.get_running_loop().call_later(self._timeout - age, self._check_timeout)
 
-    def fail(self, error: StoreUnavailable) -> None:
-        """Fail what is in flight and drop the connection (the next command opens a new one)."""
-        transport, self.transport = self.transport, None
-        self._queued = []
-        pending, self.pending = self.pending, collections.deque()
-        for future, _ in pending:
+    def _fail_queued(self, error: StoreUnavailable) -> None:
+        waiting, self._waiting, self._queued = self._waiting, [], []
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if transport is not None:
-            transport.abort()
+
+    def fail(self, error: StoreUnavailable, protocol: _Protocol | None = None) -> None:
+        """Fail what is in flight on `protocol` (by default the current connection) and drop
+        it; when it is the current one, what is queued fails too (it was never sent) and
+        the next command opens a new connection."""
+        if protocol is None:
+            protocol = self._protocol
+        if protocol is None:
+            self._fail_queued(error)
+            return
+        current = protocol is self._protocol
+        if current:
+            self._protocol = None
+            self._fail_queued(error)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+        protocol.fail(error)
 
     def close(self) -> None:
         self.fail(StoreUnavailable("the hot store is closing"))

@@ -17,6 +17,12 @@
 -- bounds, declared keys) and computes the whole change in memory; it writes only at the
 -- end (commit). A script that returns an error status has written nothing.
 --
+-- Loss: Redis without persistence can lose everything it held (a restart, FLUSHALL), and
+-- a cluster shard can come back empty alone. Each agency's marker key (P{a}:m) is there
+-- while its state is; a script that does not find what it needs (a wallet, a session)
+-- checks the marker in the same atomic step, and answers LOST rather than a not-found
+-- when it is gone: the agency's state is being rebuilt, nothing is missing for good.
+--
 -- ARGV of every script: [1] record id prefix, [2] now (epoch seconds, Python repr),
 -- [3] number of period bounds, then (anchor day, start, end) for each, then the
 -- operation's own arguments (read with arg() / narg()).
@@ -98,6 +104,11 @@ local function hgetall(key)
     t[raw[i]] = raw[i + 1]
   end
   return t
+end
+
+-- Whether the agency's state is gone (its marker with it): see "Loss" above.
+local function lost(marker)
+  return redis.call('EXISTS', marker) == 0
 end
 
 -- -- JSON of outbox records (the schema of creditd.store.redis.encode_record) -----------

@@ -1,11 +1,14 @@
 -- apply_topup: credit a durable top-up entry once (a set of applied entry ids per agency).
--- KEYS: wallet, the agency's set of applied entry ids, outbox.
+-- KEYS: wallet, the agency's set of applied entry ids, outbox, the agency's marker.
 -- ARGV: common, entry id, free micros, purchased micros.
--- Reply: {'NOTFOUND'} | {'BOUNDS', account, anchor} | {'OK', wallet...}.
-local wallet_key, applied, outbox = KEYS[1], KEYS[2], KEYS[3]
+-- Reply: {'LOST'} | {'NOTFOUND'} | {'BOUNDS', account, anchor} | {'OK', wallet...}.
+local wallet_key, applied, outbox, marker = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local entry_id, free, purchased = arg(), narg(), narg()
 local w = load_wallet(wallet_key)
 if w == nil then
+  if lost(marker) then
+    return {'LOST'}
+  end
   return {'NOTFOUND'}
 end
 local need = missing_bounds({w})

@@ -3,16 +3,19 @@
 -- renewals and settlement are STALE (fencing), so two replicas never serve one call. The
 -- first claim records when the call was answered, which is what every later owner counts
 -- the grant from.
--- KEYS: session.
+-- KEYS: session, the agency's marker.
 -- ARGV: common, client id, lease until.
--- Reply: {'NOSESSION'} | {'NOTYOURS'} | {'EXPIRED', epoch} (an authorization that was
+-- Reply: {'LOST'} | {'NOSESSION'} | {'NOTYOURS'} | {'EXPIRED', epoch} (an authorization that was
 -- never answered and has expired: to be released, not served)
 -- | {'DONE', billed, cutoff, charged count, account, micros...}
 -- | {'OK'} (the caller reads the claimed session).
-local session_key = KEYS[1]
+local session_key, marker = KEYS[1], KEYS[2]
 local client, lease_until = arg(), arg()
 
 local s = load_session(session_key)
+if s == nil and lost(marker) then
+  return {'LOST'}
+end
 if s == nil or s.ch ~= 1 then
   return {'NOSESSION'}
 end

@@ -1,18 +1,18 @@
 -- debit_sms: debit one message on every payer at once, or deny it. Exactly once per
 -- message id of the client: an allowed debit's result is kept with its parameters (a
 -- denial is not); the same id with other parameters is refused.
--- KEYS: message result, outbox, then the payers' SMS wallets (in cost order).
+-- KEYS: message result, outbox, the agency's marker, then the payers' SMS wallets (in cost order).
 -- ARGV: common, message id, session id, client id, destination country, segments, ttl seconds
 -- of the kept result (0: none), payer count, then (account, micros) per payer.
--- Reply: {'DUP', count, account, micros...} | {'REUSED'} | {'NOTFOUND', account}
+-- Reply: {'DUP', count, account, micros...} | {'REUSED'} | {'LOST'} | {'NOTFOUND', account}
 -- | {'BOUNDS', account, anchor...} | {'DENY', account, constraint} | {'OK'}.
-local result_key, outbox = KEYS[1], KEYS[2]
+local result_key, outbox, marker = KEYS[1], KEYS[2], KEYS[3]
 local message_id, session_id, client, country = arg(), arg(), arg(), arg()
 local segments, ttl = narg(), narg()
 local parameters = country .. ':' .. fmt(segments) -- what makes a retry the same message
 local payers = {}
 for i = 1, narg() do
-  payers[i] = {account = arg(), cost = narg(), key = KEYS[2 + i]}
+  payers[i] = {account = arg(), cost = narg(), key = KEYS[3 + i]}
 end
 
 local seen = hgetall(result_key)
@@ -32,6 +32,9 @@ local wallets = {}
 for i, payer in ipairs(payers) do
   local w = load_wallet(payer.key)
   if w == nil then
+    if lost(marker) then
+      return {'LOST'}
+    end
     return {'NOTFOUND', payer.account}
   end
   wallets[i] = w

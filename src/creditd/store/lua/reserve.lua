@@ -1,29 +1,29 @@
 -- reserve: reserve up to `want` more seconds on every payer at once (all the same seconds
 -- or none); the first reservation of a session opens it (after the concurrency check).
--- KEYS: session, outbox, live sessions of the agency, the payers' wallets (in payer
--- order), then, when opening, the client's set of open voice sessions.
+-- KEYS: session, outbox, live sessions of the agency, the agency's marker, the payers'
+-- wallets (in payer order), then, when opening, the client's set of open voice sessions.
 -- ARGV: common, session id, agency id, want seconds, lease until (the session's
 -- expires_at once something is reserved), epoch (a renewal: the owner's; 0 when
 -- opening), payer count, then per payer (account, rate, carry, offset) (SliceTerms),
 -- then opening (0 | 1) and, when 1: client, channel, direction, provider, max
 -- concurrent, authorized until.
--- Reply: {'CONC'} | {'NOTOPEN'} | {'STALE'} | {'NOTFOUND', account}
+-- Reply: {'LOST'} | {'CONC'} | {'NOTOPEN'} | {'STALE'} | {'NOTFOUND', account}
 -- | {'BOUNDS', account, anchor...}
 -- | {'OK', granted, total granted, headroom seconds | '', limited account | '',
 --    limited constraint | '', reserved count, account, micros...}.
 -- A renewal by an owner whose epoch is not the session's (another replica took the
 -- session over, see claim) is STALE and changes nothing.
-local session_key, outbox, live = KEYS[1], KEYS[2], KEYS[3]
+local session_key, outbox, live, marker = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local session_id, agency_id, want, lease_until, epoch = arg(), arg(), narg(), arg(), narg()
 local payers = {}
 for i = 1, narg() do
-  payers[i] = {account = arg(), rate = narg(), carry = narg(), offset = narg(), key = KEYS[3 + i]}
+  payers[i] = {account = arg(), rate = narg(), carry = narg(), offset = narg(), key = KEYS[4 + i]}
 end
 local opening = narg() == 1
 local open = nil
 if opening then
   open = {client = arg(), ch = narg(), dir = narg(), prov = arg(), cap = narg(), ax = arg()}
-  open.key = KEYS[4 + #payers]
+  open.key = KEYS[5 + #payers]
 end
 
 local s = load_session(session_key)
@@ -34,6 +34,8 @@ if opening then
   if open.cap ~= 0 and redis.call('SCARD', open.key) >= open.cap then
     return {'CONC'}
   end
+elseif s == nil and lost(marker) then
+  return {'LOST'}
 elseif s == nil or s.st ~= 'open' then
   return {'NOTOPEN'}
 elseif s.ep ~= epoch then
@@ -44,6 +46,9 @@ local wallets = {}
 for i, payer in ipairs(payers) do
   local w = load_wallet(payer.key)
   if w == nil then
+    if lost(marker) then
+      return {'LOST'}
+    end
     return {'NOTFOUND', payer.account}
   end
   wallets[i] = w

@@ -1,19 +1,20 @@
 -- settle: debit what the session used, release the rest of its reservation. Exactly once.
--- KEYS: session, outbox, live sessions of the agency, then the voice wallets of the
--- accounts named in ARGV, then the open-voice-session sets of the clients named in ARGV.
+-- KEYS: session, outbox, live sessions of the agency, the agency's marker, then the voice
+-- wallets of the accounts named in ARGV, then the open-voice-session sets of the clients
+-- named in ARGV.
 -- Which wallets and client a session needs is stored in the session itself; the caller
 -- passes its best guess (the payers of `costs`), and the script answers MISSING, having
 -- written nothing, if the session needs a key that was not declared.
 -- ARGV: common, session id, epoch (the settling owner's; 0: whoever owns it, for the
 -- rebuild), billed seconds, cutoff reason, ttl seconds of the settled session (0: none),
 -- wallet count, accounts..., client count, clients..., cost count, (account, micros)...
--- Reply: {'NOSESSION'} | {'STALE'} | {'DONE', billed, cutoff, charged count, account, micros...}
+-- Reply: {'LOST'} | {'NOSESSION'} | {'STALE'} | {'DONE', billed, cutoff, charged count, account, micros...}
 -- | {'MISSING', accounts (comma-separated), clients} | {'NOTFOUND', account}
 -- | {'BOUNDS', account, anchor...} | {'VALUE', message} | {'OK', charged count, account, micros...}.
-local session_key, outbox, live = KEYS[1], KEYS[2], KEYS[3]
+local session_key, outbox, live, marker = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local session_id, epoch, billed, cutoff, ttl = arg(), narg(), narg(), narg(), narg()
 local wallet_keys, client_keys = {}, {}
-local k = 4
+local k = 5
 for _ = 1, narg() do
   wallet_keys[arg()] = KEYS[k]
   k = k + 1
@@ -30,6 +31,9 @@ end
 
 local s = load_session(session_key)
 if s == nil then
+  if lost(marker) then
+    return {'LOST'}
+  end
   return {'NOSESSION'}
 end
 if s.st == 'settled' then
@@ -56,6 +60,9 @@ local wallets = {}
 for i, account in ipairs(s.payers) do
   local w = load_wallet(wallet_keys[account])
   if w == nil then
+    if lost(marker) then
+      return {'LOST'}
+    end
     return {'NOTFOUND', account}
   end
   wallets[i] = w
