@@ -13,6 +13,7 @@ the clock having moved.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,7 +31,7 @@ from creditd.engine.clock import ManualClock
 from creditd.engine.context import Context
 from creditd.engine.health import Monitor
 from tests import services
-from tests.calls import Call, session, until
+from tests.calls import WAIT_SECONDS, Call, session, until
 from tests.conftest import ADMIN_TOKEN, CREDIT, Api, Running, ServerFactory
 from tests.crash.procs import Ledger, RedisServer
 
@@ -291,7 +292,7 @@ async def _readiness(api: Api) -> int:
     return int(reply.status)
 
 
-async def _until_readiness(api: Api, want: int, within: float = 10.0) -> None:
+async def _until_readiness(api: Api, want: int, within: float = WAIT_SECONDS) -> None:
     deadline = time.monotonic() + within
     while await _readiness(api) != want:
         assert time.monotonic() < deadline, f"readiness never became {want}"
