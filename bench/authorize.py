@@ -58,14 +58,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers as servers_module
 from common import (
     ADMIN_TOKEN,
+    Sample,
     Server,
     Stores,
     bench_stores,
+    commands_per_write,
     cpu_seconds,
     creditd_env,
     free_port,
     machine,
     percentile,
+    scrape,
 )
 
 CREDIT = 1_000_000
@@ -94,6 +97,7 @@ class Result:
     server_cores: float
     loadgen_cores: float
     cores_per_process: list[float]
+    redis_batch: float | None = None  # creditd on one Redis: commands per socket write
 
 
 # -- the load generator (its own process) ---------------------------------------------------
@@ -259,6 +263,8 @@ def _start_servers(
     if target == "creditd":
         assert stores is not None
         env = creditd_env(stores, listen)
+        if procs == 1:
+            env["CREDITD_METRICS_LISTEN"] = args.metrics_listen
         servers = [Server(["creditd", *flags], env) for _ in range(procs)]
         asyncio.run(_setup_creditd(listen, args.clients))
         return servers
@@ -315,6 +321,7 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_
             generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             assert generator.stdout is not None
             cpu: dict[str, float] = {}
+            metrics: dict[str, list[Sample]] = {}
             spy = None
             report: dict[str, Any] = {}
             for line in generator.stdout:
@@ -324,6 +331,8 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_
                         cpu[f"{line}{i}"] = cpu_seconds(server.pid)
                     cpu[line] = sum(cpu_seconds(s.pid) for s in servers)
                     cpu[line + "_at"] = time.monotonic()
+                    if target == "creditd" and procs == 1:
+                        metrics[line] = scrape(args.metrics_listen)
                     if line == "measuring" and args.profile and target == "creditd":
                         spy = _py_spy(servers[0].pid, args.duration, args.profile)
                 elif line.startswith("{"):
@@ -352,6 +361,7 @@ def measure(target: str, args: argparse.Namespace, loop: str, procs: int, round_
                 cores_per_process=[
                     round((cpu[f"measured{i}"] - cpu[f"measuring{i}"]) / elapsed, 2) for i in range(len(servers))
                 ],
+                redis_batch=commands_per_write(metrics["measuring"], metrics["measured"]) if metrics else None,
             )
         finally:
             for server in servers:
@@ -403,6 +413,9 @@ def summarize(results: list[Result], loop: str, procs: int) -> list[str]:
                 f"  {target:<14} {_spread([r.rps for r in rows]):>22} {_spread([r.p50_ms for r in rows], 1):>20}"
                 f" {_spread([r.p99_ms for r in rows], 1):>20} {_spread([r.server_cores for r in rows], 2):>16}"
             )
+    batches = [r.redis_batch for r in by_target["creditd"] if r.redis_batch is not None]
+    if batches:
+        lines.append(f"  creditd's Redis commands per socket write (the coalescing): {_spread(batches, 1)}")
     lines.append("creditd against SPEC §8's targets:")
     creditd = {r.round: r for r in by_target["creditd"]}
     for what, peer, figure, sense, goal in TARGET_CHECKS:
@@ -448,6 +461,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.cluster_url = ""
+    args.metrics_listen = f"127.0.0.1:{free_port()}"
     if args.redis_cluster:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's cluster harness
         from tests.redis_cluster import LocalRedisCluster

@@ -194,3 +194,19 @@ def scrape(address: str) -> list[Sample]:
 def sample_sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
     """The sum of the samples named `name` whose labels include `labels` (0 if none)."""
     return sum(value for n, have, value in samples if n == name and labels.items() <= have.items())
+
+
+def pipelined(samples: Sequence[Sample]) -> tuple[float, float]:
+    """(socket writes, commands) of creditd's hot-path Redis connection, from its metrics
+    (creditd.redis.pipelined; absent on a cluster, whose pipelines are per node)."""
+    ours = [
+        (labels.get("count"), value) for name, labels, value in samples if name.startswith("creditd_redis_pipelined")
+    ]
+    return sum(v for c, v in ours if c == "writes"), sum(v for c, v in ours if c == "commands")
+
+
+def commands_per_write(before: Sequence[Sample], after: Sequence[Sample]) -> float | None:
+    """The batch size creditd's coalescing achieved between two scrapes."""
+    (writes_before, commands_before), (writes_after, commands_after) = pipelined(before), pipelined(after)
+    writes = writes_after - writes_before
+    return round((commands_after - commands_before) / writes, 2) if writes else None

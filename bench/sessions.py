@@ -65,6 +65,7 @@ from common import (
     Sample,
     Server,
     bench_stores,
+    commands_per_write,
     cpu_seconds,
     creditd_env,
     free_port,
@@ -514,6 +515,7 @@ def _stalls(before: list[Sample], after: list[Sample]) -> dict[str, Any]:
         },
         "gc_pauses_over_20ms": {g: _over_stall(before, after, pauses, generation=g) for g in generations},
         "gc_pause_seconds_total": round(sample_sum(after, f"{pauses}_sum") - sample_sum(before, f"{pauses}_sum"), 3),
+        "redis_commands_per_write": commands_per_write(before, after),
         "since_start": {
             "loop_lateness_max_ms": round(sample_sum(after, "creditd_event_loop_lateness_max_seconds") * 1000, 1),
             "gc_pause_max_ms": {

@@ -200,6 +200,13 @@ class Telemetry:
         meter.create_observable_gauge(
             "creditd.store.up", callbacks=[self._observe_stores], description="1 while a store answers"
         )
+        meter.create_observable_counter(
+            "creditd.redis.pipelined",
+            callbacks=[self._observe_pipelining],
+            description="The hot path's Redis connection: socket writes made and commands they carried"
+            " (commands / writes is the batch size the coalescing achieves)",
+        )
+        self._connection: Any = None
         self.stalls = StallWatch(meter)  # started by the app, on its event loop
         self._live: Callable[[], Iterable[tuple[str, int]]] | None = None
         self._lag: Callable[[], float] | None = None
@@ -267,6 +274,15 @@ class Telemetry:
             Observation(int(self._status.db_ok), {"store": "database"}),
         ]
 
+    def _observe_pipelining(self, _: CallbackOptions) -> Iterable[Observation]:
+        connection = self._connection
+        if connection is None:
+            return []
+        return [
+            Observation(connection.writes, {"count": "writes"}),
+            Observation(connection.commands, {"count": "commands"}),
+        ]
+
     # -- what the servicers report ------------------------------------------------------
 
     def authorization(self, channel: str, outcome: str, reason: str) -> None:
@@ -280,6 +296,7 @@ class Telemetry:
     def instrument_store(self, store: Any, system: str) -> None:
         """Time (and trace) the hot store's operations on this instance, and count what
         their results say: renewals, cutoffs and settlements."""
+        self._connection = getattr(store, "connection", None)  # a standalone Redis's hot-path connection
         for op in ("read_wallet", "session", "take_records", "ack_records", "apply_topup", "debit_sms"):
             self._instrument(store, op, system)
         self._instrument(store, "reserve", system, self._after_reserve)
