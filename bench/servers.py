@@ -211,18 +211,9 @@ async def _serve_peer(args: argparse.Namespace) -> None:
 
 
 def _serve_creditd(reuseport: bool) -> None:
-    if reuseport:
-        import creditd.app as app_module
-
-        original = app_module.server_options
-
-        def options(settings: Any) -> list[tuple[str, int]]:
-            return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in original(settings)]
-
-        app_module.server_options = options
     from creditd.cli import main
 
-    main(["serve"])
+    main(["serve", *(["--reuse-port", "true"] if reuseport else [])])
 
 
 def main() -> None:

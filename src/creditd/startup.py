@@ -84,8 +84,9 @@ def embedded_database_lock(settings: Settings) -> Iterator[None]:
 # -- checks before anything starts ---------------------------------------------------------
 
 
-def check_listen(listen: str) -> None:
-    """Fail now, with a reason, where gRPC would fail to bind."""
+def check_listen(listen: str, reuse_port: bool = False) -> None:
+    """Fail now, with a reason, where gRPC would fail to bind (beside other processes that
+    listen with SO_REUSEPORT on the same port, when `reuse_port`)."""
     host, port = host_port(listen, variable("listen"))
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -97,6 +98,8 @@ def check_listen(listen: str) -> None:
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(address)
                 return
@@ -174,7 +177,7 @@ def _ssl_reason(exc: BaseException) -> str:
 
 def preflight(settings: Settings) -> None:
     check_tls(settings)
-    check_listen(settings.listen)
+    check_listen(settings.listen, settings.reuse_port)
     check_database(settings.database_url)
     check_redis(settings.redis_url)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from creditd.startup import StartupFailed, check_listen
 from tests import services
 from tests.cli.test_serve import Serve
 
@@ -74,6 +75,17 @@ def test_a_port_in_use_is_one_line_also_with_redis_and_postgres(tmp_path: Path, 
         line = one_line(tmp_path, "serve", **stores, CREDITD_LISTEN=address)
     assert f"cannot listen on {address}: the port is in use" in line
     assert "CREDITD_LISTEN" in line
+
+
+def test_a_port_shared_with_so_reuseport_is_free_to_a_process_that_shares_it() -> None:
+    with socket.socket() as holder:  # another `creditd serve --reuse-port true`
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        with pytest.raises(StartupFailed, match="the port is in use"):
+            check_listen(address)
+        check_listen(address, reuse_port=True)
 
 
 def test_an_address_of_another_machine_is_one_line(tmp_path: Path) -> None:
