@@ -265,8 +265,15 @@ def _start_servers(
         env = creditd_env(stores, listen)
         if procs == 1:
             env["CREDITD_METRICS_LISTEN"] = args.metrics_listen
-        servers = [Server(["creditd", *flags], env) for _ in range(procs)]
-        asyncio.run(_setup_creditd(listen, args.clients))
+        servers: list[Server] = []
+        try:
+            for _ in range(procs):
+                servers.append(Server(["creditd", *flags], env))
+            asyncio.run(_setup_creditd(listen, args.clients))
+        except BaseException:
+            for server in servers:  # the caller has no list to stop yet
+                server.kill()
+            raise
         return servers
     peer = [target, "--listen", listen, "--agency", AGENCY, *flags]
     if target == "naive-redis":
