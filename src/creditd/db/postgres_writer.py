@@ -107,32 +107,30 @@ class PostgresWriter:
         if fenced is not None and fenced is self._conn:
             await self._write(fenced, batch)
             return
-        async with self._lock:
-            try:
-                conn = await self._connection()
-                async with conn.transaction():
-                    await self._write(conn, batch)
-            except _UNAVAILABLE as exc:
-                await self._discard_if_unusable()
-                raise StoreUnavailable(f"database unavailable: {exc}") from exc
-            except BaseException:
-                await self._discard_if_unusable()
-                raise
+        async with self._transaction() as conn:
+            await self._write(conn, batch)
 
     @contextlib.asynccontextmanager
     async def fence(self) -> AsyncIterator[None]:
         """A transaction that holds the write-behind fence shared, for the block: what the
         block takes from the hot store and `write`s is committed before a rebuild reads."""
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FENCE_LOCK,))
+            token = _FENCED.set(conn)
+            try:
+                yield
+            finally:
+                _FENCED.reset(token)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The writer's connection, alone, in a transaction; StoreUnavailable when Postgres
+        cannot be reached (nothing of the transaction is then written)."""
         async with self._lock:
             try:
                 conn = await self._connection()
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FENCE_LOCK,))
-                    token = _FENCED.set(conn)
-                    try:
-                        yield
-                    finally:
-                        _FENCED.reset(token)
+                    yield conn
             except _UNAVAILABLE as exc:
                 await self._discard_if_unusable()
                 raise StoreUnavailable(f"database unavailable: {exc}") from exc
