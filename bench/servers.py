@@ -1,7 +1,9 @@
 """The servers the benchmarks start, each in a process of its own.
 
     python bench/servers.py bare --listen 127.0.0.1:PORT
-        a grpc.aio MeteringService whose Authorize does no work (an empty AuthorizeResponse)
+        a grpc.aio MeteringService that does no work: Authorize allows one slice at once;
+        StreamUsage answers a start with one grant of SLICE_SECONDS, ignores
+        usage reports and answers an end with a summary (what gRPC alone costs a live call)
     python bench/servers.py naive-redis --listen ... --redis-url URL --prefix P --agency A
         Authorize is one two-wallet Lua debit through redis-py (client and agency wallets,
         free micros first, all or nothing)
@@ -97,7 +99,19 @@ class _Bare:
     async def Authorize(self, request: Any, context: Any) -> Any:
         from creditd_client.v1 import metering_pb2
 
-        return metering_pb2.AuthorizeResponse()
+        return metering_pb2.AuthorizeResponse(allowed=True, granted_seconds=SLICE_SECONDS, max_seconds=SLICE_SECONDS)
+
+    async def StreamUsage(self, requests: Any, context: Any) -> Any:
+        from creditd_client.v1 import metering_pb2
+
+        async for request in requests:
+            kind = request.WhichOneof("msg")
+            if kind == "start":
+                yield metering_pb2.StreamUsageResponse(grant=metering_pb2.Grant(granted_seconds=SLICE_SECONDS))
+            elif kind == "end":
+                summary = metering_pb2.SessionSummary(billed_seconds=request.end.seconds_used)
+                yield metering_pb2.StreamUsageResponse(summary=summary)
+                return
 
 
 class _NaiveRedis:
@@ -200,6 +214,8 @@ async def _serve_peer(args: argparse.Namespace) -> None:
         implementation = _Bare()
     servicer = type("PeerMetering", (metering_pb2_grpc.MeteringServiceServicer,), {})()
     servicer.Authorize = implementation.Authorize
+    if isinstance(implementation, _Bare):
+        servicer.StreamUsage = implementation.StreamUsage
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(args.reuseport))])
     metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(args.listen)

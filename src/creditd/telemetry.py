@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
 from creditd import __version__, logs
-from creditd.api.errors import Malformed, abort, lenient
+from creditd.api.errors import Malformed, lenient, reject
 from creditd.config import Settings, host_port
 from creditd.domain.records import DenyReason
 from creditd.metrics import Metrics, MetricsExporter
@@ -455,13 +455,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     # A stream's messages are checked by its handler as it reads them (Malformed).
                     if not streaming_in and isinstance(request, Malformed):
-                        await abort(context, request.error(method))
+                        reject(context, request.error(method))
+                        return None
                     return await behavior(request, context)
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
                     leave(state, context, error)
+                    error = None  # else this frame and the error's traceback would hold each other
 
             factory = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
             return factory(unary, request_deserializer=parse, response_serializer=handler.response_serializer)
@@ -478,7 +480,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     # A stream's messages are checked by its handler as it reads them (Malformed).
                     if not streaming_in and isinstance(request, Malformed):
-                        await abort(context, request.error(method))
+                        reject(context, request.error(method))
+                        return
                     async for response in behavior(request, context):
                         yield response
                 except BaseException as exc:
@@ -486,6 +489,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
                 finally:
                     leave(state, context, error)
+                    error = None  # else this frame and the error's traceback would hold each other
 
             return factory(stream, request_deserializer=parse, response_serializer=handler.response_serializer)
 
@@ -495,13 +499,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 # A stream's messages are checked by its handler as it reads them (Malformed).
                 if not streaming_in and isinstance(request, Malformed):
-                    await abort(context, request.error(method))
+                    reject(context, request.error(method))
+                    return None
                 return await behavior(request, context)
             except BaseException as exc:
                 error = exc
                 raise
             finally:
                 leave(state, context, error)
+                error = None  # else this frame and the error's traceback would hold each other
 
         return factory(writer, request_deserializer=parse, response_serializer=handler.response_serializer)
 

@@ -74,6 +74,25 @@ def test_the_sessions_benchmark_runs(tmp_path: Path) -> None:
     assert len(verdicts) == 8, output  # every target of SPEC §8 this run measures
 
 
+def test_the_sessions_benchmark_runs_on_the_bare_servicer(tmp_path: Path) -> None:
+    """The same load on a servicer that does no work: every session answered and hung up,
+    the new calls allowed, nothing that only creditd measures claimed."""
+    report = tmp_path / "bare.json"
+    done, output = _run(
+        "sessions.py",
+        *("--server", "bare", "--sessions", "50", "--clients", "10", "--poor-clients", "2", "--loadgen-procs", "1"),
+        *("--hold", "3", "--report-every", "1", "--new-calls", "10", "--json", str(report)),
+    )
+    result = json.loads(report.read_text())
+    assert (result["started"], result["errors"], result["denied"], result["summaries"]) == (50, 0, 0, 50), output
+    assert result["reports"] > 0 and result["cutoffs"] == 0, output
+    assert result["new_calls"]["calls"] > 0 and result["new_calls"]["denied"] == 0, result["new_calls"]
+    assert not result["new_calls"]["errors"], result["new_calls"]
+    assert result["server_cores"] > 0 and result["stalls"] is None, output
+    assert result["reconcile"] == "not applicable (bare)", output
+    assert "bare gRPC servicer" in done.stdout, output
+
+
 # -- the peers ---------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -90,8 +90,17 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError) or type(exc).__module__.startswith("redis")
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    await context.abort_with_status(to_status(as_creditd_error(exc)))
+def reject(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    """End the call with the error's status once its handler returns.
+
+    Not `context.abort()`: the AbortError it raises is kept by the call's state while its
+    traceback keeps the handler's frames, which hold the call's context, which holds the
+    call's state. That cycle, the whole call with it, waits for a garbage collection (and
+    is never freed if the collector froze it meanwhile: creditd.gc_tuning)."""
+    status = to_status(as_creditd_error(exc))
+    context.set_trailing_metadata(status.trailing_metadata)
+    context.set_code(status.code)
+    context.set_details(status.details)
 
 
 def unary(
@@ -104,11 +113,9 @@ def unary(
         try:
             limits.check(request)
             return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await abort(context, exc)
-            raise AssertionError("unreachable") from exc
+            reject(context, exc)
+            return cast(T, None)  # gRPC sends no message with a failed status
 
     return wrapper
 
@@ -124,9 +131,7 @@ def streaming(
             limits.check(request)
             async for item in fn(self, request, context):
                 yield item
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await abort(context, exc)
+            reject(context, exc)
 
     return wrapper

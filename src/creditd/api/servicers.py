@@ -18,7 +18,7 @@ from creditd_client.v1 import (
 from creditd import logs
 from creditd.api import convert, limits, requests
 from creditd.api.auth import Action, Authenticator, Principal
-from creditd.api.errors import Malformed, abort, streaming, unary
+from creditd.api.errors import Malformed, reject, streaming, unary
 from creditd.domain.accounts import Account, AccountKind, BillingMode, Channel, Direction, Plan, Role
 from creditd.domain.records import BalanceType, TopupKind
 from creditd.domain.usage import UsageTotals
@@ -105,7 +105,7 @@ class MeteringServicer:
         try:
             principal = await self.auth.principal(context)
         except CreditdError as exc:
-            await abort(context, exc)
+            reject(context, exc)
             return
         stream = self.metering.open_stream()
 
@@ -140,7 +140,7 @@ class MeteringServicer:
             while True:
                 item = await stream.out.get()
                 if isinstance(item, Exception):
-                    await abort(context, item)
+                    reject(context, item)
                     return
                 if isinstance(item, CutoffMsg) and stream.sms is not None and self.telemetry is not None:
                     self.telemetry.cutoff("sms", item.reason)  # voice cutoffs are counted when settled

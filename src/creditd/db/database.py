@@ -213,6 +213,12 @@ class Database:
         # The write-behind's batches go through psycopg directly on Postgres; SQLite (the
         # embedded default) writes them through SQLAlchemy. Both follow creditd.db.outbox.
         self._postgres_writer = PostgresWriter(url) if self._dialect == "postgresql" else None
+        # Built once: a statement is a graph of objects holding each other, which only the
+        # cycle collector frees (or never, if it froze them in flight: creditd.gc_tuning).
+        self._entry_insert = outbox.entry_insert(self._insert(t.ledger_entries))
+        self._usage_upsert = outbox.usage_upsert(self._insert(t.usage_daily))
+        self._session_upsert = outbox.session_upsert(self._insert(t.sessions))
+        self._event_insert = outbox.event_insert(self._insert(t.events))
 
     @property
     def url(self) -> str:
@@ -434,15 +440,12 @@ class Database:
 
     async def _write(self, conn: AsyncConnection, batch: RecordBatch) -> None:
         if batch.entries:
-            result = await conn.execute(
-                outbox.entry_insert(self._insert(t.ledger_entries)), [outbox.entry_row(e) for e in batch.entries]
-            )
+            result = await conn.execute(self._entry_insert, [outbox.entry_row(e) for e in batch.entries])
             usage = outbox.usage_rows(batch.entries, set(result.scalars()))
             if usage:
-                await conn.execute(outbox.usage_upsert(self._insert(t.usage_daily)), usage)
+                await conn.execute(self._usage_upsert, usage)
         if batch.sessions:
-            stmt = outbox.session_upsert(self._insert(t.sessions))
-            await conn.execute(stmt, [outbox.session_row(s) for s in batch.sessions])
+            await conn.execute(self._session_upsert, [outbox.session_row(s) for s in batch.sessions])
         if batch.events:
             await self._insert_events(conn, [outbox.event_row(e) for e in batch.events])
 
@@ -450,7 +453,7 @@ class Database:
         """Insert events last in a transaction (see creditd.db.outbox.EVENTS_LOCK)."""
         if self._dialect == "postgresql":
             await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(outbox.EVENTS_LOCK)))
-        await conn.execute(outbox.event_insert(self._insert(t.events)), rows)
+        await conn.execute(self._event_insert, rows)
 
     async def list_ledger(
         self, account_id: str, balance_type: BalanceType | None, limit: int, cursor: str | None
