@@ -47,7 +47,7 @@ class UsageTotals:
         self.usage_micros += other.usage_micros
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class UsageKey:
     """The finest grain usage is kept at. The channel of a usage entry is its balance type."""
 
