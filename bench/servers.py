@@ -238,18 +238,12 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--reuseport", action="store_true")
-    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the start-up heap; collect gen 2 rarely")
     parser.add_argument("--redis-url", help="naive-redis: the Redis holding the wallets")
     parser.add_argument("--prefix", default="", help="naive-redis: the wallets' key prefix")
     parser.add_argument("--database", help="plain-postgres: libpq conninfo of the wallets' database")
     parser.add_argument("--pool", type=int, default=16, help="plain-postgres: connections")
     parser.add_argument("--agency", default="bench", help="the agency of every client")
     args = parser.parse_args()
-    if args.gc_freeze:
-        import gc
-
-        gc.freeze()
-        gc.set_threshold(10_000, 50, 1_000)
     if args.uvloop:
         import uvloop
 

@@ -578,7 +578,6 @@ def main() -> None:
     parser.add_argument("--ramp-concurrency", type=int, default=32, help="Authorize calls in flight per load process")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="py-spy raw profile of the server (30 s of the hold) written here")
-    parser.add_argument("--gc-freeze", action="store_true", help="server: gc.freeze() and rarer gen-2 collections")
     args = parser.parse_args()
     plan = _plan(args)
     if args.new_calls and plan["poor"] >= min(args.clients, plan["dry_from"]):
@@ -597,7 +596,6 @@ def main() -> None:
             env["CREDITD_DATABASE_URL"] = f"sqlite+aiosqlite:///{home}/creditd.db"
         env["HOME"] = home
         flags = ["--uvloop"] if args.loop == "uvloop" else []
-        flags += ["--gc-freeze"] if args.gc_freeze else []
         bare = args.server == "bare"
         server = Server(["bare", "--listen", listen, *flags] if bare else ["creditd", *flags], env)
         generators: list[subprocess.Popen[str]] = []

@@ -269,11 +269,14 @@ class RedisHotStore(HotStore):
         """Run one script, in the pipeline of whatever else is queued in this turn of the loop."""
         try:
             if self.connection is not None:
-                return await self._evalsha(name, keys, args)
-            with redis_errors():
-                reply: list[str] = await self.batcher.call(name, keys, args)
+                reply = await self._evalsha(name, keys, args)
+            else:
+                with redis_errors():
+                    reply = await self.batcher.call(name, keys, args)
         finally:
             self._touched(agency_id)
+        if isinstance(reply, list) and reply and reply[0] == "LOST":  # the agency's state is gone: see "Loss"
+            raise self.found_lost(agency_id)
         return reply
 
     async def _evalsha(self, name: str, keys: list[str], args: list[str | int]) -> list[str]:
@@ -380,8 +383,6 @@ class RedisHotStore(HotStore):
             *_config_values(config),
         ]
         reply = await self._eval("configure_wallet", agency_id, keys, args)
-        if reply[0] == "LOST":
-            raise self.found_lost(agency_id)
         self._anchors[account_id] = config.anchor_day
         return [decode_record(text) for text in reply[1:]]
 
@@ -396,8 +397,6 @@ class RedisHotStore(HotStore):
         reply = await self._eval_rolling("read_wallet", agency_id, keys, [account_id], now, [])
         if reply[0] == "NONE":
             return None
-        if reply[0] == "LOST":
-            raise self.found_lost(agency_id)
         return self._wallet_reply(reply, 1)
 
     async def snapshot_wallet(self, agency_id: str, account_id: str, balance_type: BalanceType) -> WalletState | None:
@@ -484,8 +483,6 @@ class RedisHotStore(HotStore):
             return ReserveResult(0, 0, None, concurrency_denied=True)
         if status == "STALE":
             raise SessionTakenOver(request.session_id)
-        if status == "LOST":
-            raise self.found_lost(agency_id)
         if status == "NOTOPEN":
             raise FailedPrecondition("the session is not open", "SESSION_NOT_OPEN", session_id=request.session_id)
         if status == "NOTFOUND":
@@ -510,8 +507,6 @@ class RedisHotStore(HotStore):
             return state
         if status == "NOSESSION":
             return None
-        if status == "LOST":
-            raise self.found_lost(agency_id)
         if status == "NOTYOURS":
             return None
         raise RuntimeError(f"claim: unexpected reply {reply!r}")
@@ -565,8 +560,6 @@ class RedisHotStore(HotStore):
                 clients += [c for c in reply[2].split(",") if c and c not in clients]
             elif status == "STALE":
                 raise SessionTakenOver(request.session_id)
-            elif status == "LOST":
-                raise self.found_lost(agency_id)
             elif status == "NOSESSION":
                 raise NotFound("no such session", "SESSION_NOT_FOUND", session_id=request.session_id)
             elif status == "NOTFOUND":
@@ -607,8 +600,6 @@ class RedisHotStore(HotStore):
             return SmsDebitResult(True, _map_reply(reply, 1), duplicate=True)
         if status == "REUSED":
             raise message_id_reused(request)
-        if status == "LOST":
-            raise self.found_lost(agency_id)
         if status == "NOTFOUND":
             raise _no_wallet(BalanceType.SMS, reply[1])
         if status == "VALUE":
@@ -624,8 +615,6 @@ class RedisHotStore(HotStore):
         ]
         args: list[str | int] = [entry.entry_id, entry.free_micros, entry.purchased_micros]
         reply = await self._eval_rolling("apply_topup", agency_id, keys, [entry.account_id], now, args)
-        if reply[0] == "LOST":
-            raise self.found_lost(agency_id)
         if reply[0] == "NOTFOUND":
             raise _no_wallet(entry.balance_type, entry.account_id)
         return self._wallet_reply(reply, 1)
