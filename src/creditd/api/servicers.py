@@ -28,7 +28,7 @@ from creditd.engine.accounts import Accounts
 from creditd.engine.context import Context
 from creditd.engine.ledger import Ledger
 from creditd.engine.messages import TERMINAL, CutoffMsg
-from creditd.engine.metering import Metering
+from creditd.engine.metering import Metering, UsageStream
 from creditd.errors import CreditdError, InvalidArgument
 from creditd.telemetry import Telemetry, deny_reason_name
 
@@ -99,43 +99,19 @@ class MeteringServicer:
             response.expires_at.CopyFrom(convert.timestamp(result.expires_at))
         return response
 
-    async def StreamUsage(
-        self, request_iterator: AsyncIterator[metering_pb2.StreamUsageRequest], context: Ctx
-    ) -> AsyncIterator[metering_pb2.StreamUsageResponse]:
+    async def StreamUsage(self, request_iterator: Any, context: Ctx) -> None:
+        # Reader/writer style rather than an async generator: a live call is then one
+        # waiting coroutine per side (the reader's next message, the writer's next item),
+        # without the generator objects, their weak references and finalizer hooks that
+        # each generator layer (this handler, the interceptor's, gRPC's request iterator)
+        # would keep for the whole call.
         try:
             principal = await self.auth.principal(context)
         except CreditdError as exc:
             reject(context, exc)
             return
         stream = self.metering.open_stream()
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    if isinstance(message, Malformed):
-                        raise message.error("/creditd.v1.MeteringService/StreamUsage")
-                    if message.WhichOneof("msg") == "usage" and stream.voice is not None:
-                        # Nine messages in ten of a live call: the one field is checked by
-                        # report(); nothing else to look up.
-                        stream.report(message.usage.seconds_used)
-                        continue
-                    limits.check(message)
-                    request = convert.stream_request(message)
-                    if hasattr(request, "client_id"):
-                        principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
-                        if logs.session_id.get() is None:
-                            logs.session_id.set(str(getattr(request, "session_id", ""))[: logs.MAX_LOGGED_ID] or None)
-                    await stream.handle(request)
-                    if stream.finished:
-                        return  # ended: the stream closes once its last message is out
-                stream.half_closed()
-            except CreditdError as exc:
-                stream.out.put(exc)
-            except Exception as exc:  # the caller went away or sent garbage
-                if not isinstance(exc, asyncio.CancelledError | grpc.aio.AioRpcError):
-                    stream.out.put(CreditdError(str(exc) or "stream failed"))
-
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(self._read_usage(stream, principal, context))
         try:
             while True:
                 item = await stream.out.get()
@@ -144,7 +120,7 @@ class MeteringServicer:
                     return
                 if isinstance(item, CutoffMsg) and stream.sms is not None and self.telemetry is not None:
                     self.telemetry.cutoff("sms", item.reason)  # voice cutoffs are counted when settled
-                yield convert.stream_response(item)
+                await context.write(convert.stream_response(item))
                 if isinstance(item, TERMINAL):
                     return
         finally:
@@ -152,6 +128,33 @@ class MeteringServicer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             stream.close()
+
+    async def _read_usage(self, stream: UsageStream, principal: Principal, context: Ctx) -> None:
+        """The requests of one StreamUsage call, until the caller closes its side."""
+        try:
+            while (message := await context.read()) is not grpc.aio.EOF:
+                if isinstance(message, Malformed):
+                    raise message.error("/creditd.v1.MeteringService/StreamUsage")
+                if message.WhichOneof("msg") == "usage" and stream.voice is not None:
+                    # Nine messages in ten of a live call: the one field is checked by
+                    # report(); nothing else to look up.
+                    stream.report(message.usage.seconds_used)
+                    continue
+                limits.check(message)
+                request = convert.stream_request(message)
+                if hasattr(request, "client_id"):
+                    principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
+                    if logs.session_id.get() is None:
+                        logs.session_id.set(str(getattr(request, "session_id", ""))[: logs.MAX_LOGGED_ID] or None)
+                await stream.handle(request)
+                if stream.finished:
+                    return  # ended: the stream closes once its last message is out
+            stream.half_closed()
+        except CreditdError as exc:
+            stream.out.put(exc)
+        except Exception as exc:  # the caller went away or sent garbage
+            if not isinstance(exc, asyncio.CancelledError | grpc.aio.AioRpcError):
+                stream.out.put(CreditdError(str(exc) or "stream failed"))
 
 
 class LedgerServicer:

@@ -306,6 +306,8 @@ class SmsSession:
 class UsageStream:
     """One StreamUsage call: checks the order of requests and carries messages back."""
 
+    __slots__ = ("ctx", "finished", "metering", "out", "sms", "voice")
+
     def __init__(self, metering: Metering) -> None:
         self.metering = metering
         self.ctx = metering.ctx
