@@ -34,7 +34,7 @@ from creditd.api.auth import Authenticator
 from creditd.api.servicers import AccountServicer, LedgerServicer, MeteringServicer
 from creditd.config import Settings
 from creditd.db import Database
-from creditd.db.migrate import upgrade
+from creditd.db.migrate import upgrade_if_behind
 from creditd.domain.records import DenyReason
 from creditd.engine.accounts import Accounts
 from creditd.engine.clock import Clock, RealClock
@@ -68,7 +68,7 @@ def _migrate(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    upgrade(url)
+    upgrade_if_behind(url)
 
 
 async def migrate(url: str) -> None:
