@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import grpc
 
 from creditd.domain.accounts import Account, ApiKey, Role
-from creditd.engine.accounts import hash_secret, key_id_of, secrets_match
+from creditd.engine.accounts import hash_secret, key_id_of
 from creditd.engine.context import Context
 from creditd.errors import PermissionDenied, StoreUnavailable, Unauthenticated
 
@@ -129,10 +130,11 @@ class Authenticator:
                 token = value[7:].strip()
         if not token:
             raise Unauthenticated("send 'authorization: Bearer <key>' metadata")
-        if secrets_match(token, self._admin_digest):
+        digest = hash_secret(token)  # once: compared with the bootstrap token's and the key's
+        if hmac.compare_digest(digest, self._admin_digest):
             return Principal("bootstrap", Role.PLATFORM_ADMIN, "")
         key_id = key_id_of(token)
         key = await self._key(key_id) if key_id else None
-        if key is None or key.revoked_at is not None or not secrets_match(token, key.secret_sha256):
+        if key is None or key.revoked_at is not None or not hmac.compare_digest(digest, key.secret_sha256):
             raise Unauthenticated("the API key is unknown or revoked")
         return Principal(key.key_id, key.role, key.account_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from dataclasses import replace
 
@@ -43,10 +42,6 @@ def key_id_of(secret: str) -> str:
     """Secrets look like "cdk_<key id>_<random>"; the id is how a key is found."""
     parts = secret.split("_")
     return parts[1] if len(parts) == 3 and parts[0] == "cdk" else ""
-
-
-def secrets_match(secret: str, digest: str) -> bool:
-    return hmac.compare_digest(hash_secret(secret), digest)
 
 
 class Accounts:

@@ -497,11 +497,7 @@ class RedisHotStore(HotStore):
         reply = await self._eval("claim", agency_id, [key, self._agency_marker(agency_id)], args)
         status = reply[0]
         if status in ("OK", "DONE", "EXPIRED"):
-            with redis_errors():
-                raw = cast(dict[str, str], await self._redis.hgetall(key))
-            if not raw:  # settled and expired since (it kept only for a day)
-                return None
-            state = _session_from(raw)
+            state = _session_from(dict(zip(reply[1::2], reply[2::2], strict=True)))
             if status == "EXPIRED":
                 state.status = "expired"
             return state

@@ -5,10 +5,10 @@
 -- the grant from.
 -- KEYS: session, the agency's marker.
 -- ARGV: common, client id, lease until.
--- Reply: {'LOST'} | {'NOSESSION'} | {'NOTYOURS'} | {'EXPIRED', epoch} (an authorization that was
--- never answered and has expired: to be released, not served)
--- | {'DONE', billed, cutoff, charged count, account, micros...}
--- | {'OK'} (the caller reads the claimed session).
+-- Reply: {'LOST'} | {'NOSESSION'} | {'NOTYOURS'}
+-- | {status, field, value, ...}: the session's hash as it now stands, after 'OK' (claimed),
+-- 'DONE' (settled already) or 'EXPIRED' (an authorization that was never answered and has
+-- expired: to be released, not served). One round trip: the caller needs the whole session.
 local session_key, marker = KEYS[1], KEYS[2]
 local client, lease_until = arg(), arg()
 
@@ -22,11 +22,17 @@ end
 if s.client ~= client then
   return {'NOTYOURS'}
 end
+local function with_session(status)
+  local reply = redis.call('HGETALL', session_key)
+  table.insert(reply, 1, status)
+  return reply
+end
+
 if s.st == 'settled' then
-  return map_reply({'DONE', fmt(s.bil), fmt(s.cut)}, s.charged_order, s.charged)
+  return with_session('DONE')
 end
 if s.sa == '0' and NOW > tonumber(s.ax) then
-  return {'EXPIRED', fmt(s.ep)}
+  return with_session('EXPIRED')
 end
 s.ep = s.ep + 1
 if s.sa == '0' then
@@ -36,4 +42,4 @@ if tonumber(lease_until) > tonumber(s.exp) then
   s.exp = lease_until
 end
 redis.call('HSET', session_key, 'ep', fmt(s.ep), 'sa', s.sa, 'exp', s.exp)
-return {'OK'}
+return with_session('OK')
