@@ -93,6 +93,15 @@ def test_the_sessions_benchmark_runs_on_the_bare_servicer(tmp_path: Path) -> Non
     assert "bare gRPC servicer" in done.stdout, output
 
 
+def test_the_grpc_streams_benchmark_runs() -> None:
+    done, output = _run("grpc_streams.py", "--streams", "300")
+    assert re.search(r"^300 streams open in [\d.]+ s \(\d+ refused, opened again\)$", done.stdout, re.M), output
+    per_stream = re.search(r"^per stream: (\d+\.\d) KB of RSS, (\d+\.\d) tracked objects$", done.stdout, re.M)
+    assert per_stream is not None, output
+    # each open call keeps gRPC's objects for its pending read: far more than one a stream
+    assert float(per_stream.group(2)) > 10, output
+
+
 # -- the peers ---------------------------------------------------------------------------
 
 
