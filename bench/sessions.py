@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import random
@@ -135,21 +134,16 @@ def _own_collector() -> Callable[[], float]:
     (creditd.gc_tuning). Thousands of open calls in one process pause it for hundreds of
     milliseconds otherwise (its calls' pending reads fill the young generation as the
     server's do), and it would count its own pauses as the server's lateness. Returns a
-    function that gives its longest collection since, in ms."""
+    function that gives its longest collection since, in ms (creditd.stalls' probe)."""
+    from opentelemetry.metrics import NoOpMeter
+
     from creditd.gc_tuning import Collector
+    from creditd.stalls import StallWatch
 
     Collector(asyncio.get_running_loop())  # the loop's timer keeps it
-    started = [0.0]
-    longest = [0.0]
-
-    def watch(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            longest[0] = max(longest[0], time.perf_counter() - started[0])
-
-    gc.callbacks.append(watch)
-    return lambda: round(longest[0] * 1000, 1)
+    watch = StallWatch(NoOpMeter("bench"))
+    watch.start()
+    return lambda: round(max(watch.gc_pause_max) * 1000, 1)
 
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:

@@ -448,38 +448,23 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is not None or handler.stream_unary is not None:
             behavior = handler.unary_unary or handler.stream_unary
             streaming_in = handler.stream_unary is not None
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                state = enter(method, service, name, context, request if has_session else None)
-                error: BaseException | None = None
-                try:
-                    # A stream's messages are checked by its handler as it reads them (Malformed).
-                    if not streaming_in and isinstance(request, Malformed):
-                        reject(context, request.error(method))
-                        return None
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    leave(state, context, error)
-                    error = None  # else this frame and the error's traceback would hold each other
-
             factory = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
-            return factory(unary, request_deserializer=parse, response_serializer=handler.response_serializer)
-
-        behavior = handler.unary_stream or handler.stream_stream
-        streaming_in = handler.stream_stream is not None
-        factory = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+        else:
+            behavior = handler.unary_stream or handler.stream_stream
+            streaming_in = handler.stream_stream is not None
+            factory = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+        # The session a call's one request names goes into the log context; a stream's
+        # messages are checked by its handler as it reads them (Malformed).
+        one_request = not streaming_in
+        session_of = one_request and has_session
 
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                state = enter(method, service, name, context, None if streaming_in or not has_session else request)
+                state = enter(method, service, name, context, request if session_of else None)
                 error: BaseException | None = None
                 try:
-                    # A stream's messages are checked by its handler as it reads them (Malformed).
-                    if not streaming_in and isinstance(request, Malformed):
+                    if one_request and isinstance(request, Malformed):
                         reject(context, request.error(method))
                         return
                     async for response in behavior(request, context):
@@ -493,12 +478,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             return factory(stream, request_deserializer=parse, response_serializer=handler.response_serializer)
 
-        async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # context.write style
-            state = enter(method, service, name, context, None)
+        # One response, or a stream written with context.write (StreamUsage).
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            state = enter(method, service, name, context, request if session_of else None)
             error: BaseException | None = None
             try:
-                # A stream's messages are checked by its handler as it reads them (Malformed).
-                if not streaming_in and isinstance(request, Malformed):
+                if one_request and isinstance(request, Malformed):
                     reject(context, request.error(method))
                     return None
                 return await behavior(request, context)
@@ -509,7 +494,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 leave(state, context, error)
                 error = None  # else this frame and the error's traceback would hold each other
 
-        return factory(writer, request_deserializer=parse, response_serializer=handler.response_serializer)
+        return factory(call, request_deserializer=parse, response_serializer=handler.response_serializer)
 
     def _enter_call(
         self,
