@@ -18,7 +18,7 @@ the slowest batch, and the longest stretch of CPU work between two turns of the 
 (what a write holds the loop for; a task waking every millisecond measures it). Rounds
 alternate the order of the paths.
 
-    python bench/writebehind.py                            # 20,000 records, batches of 500, 3 rounds
+    python bench/writebehind.py                            # 20,000 records, batches of 200, 3 rounds
     python bench/writebehind.py --records 50000 --rounds 5
 
 Needs the machine's Postgres (CREDITD_BENCH_POSTGRES_ADMIN_URL).
@@ -193,7 +193,7 @@ def pipeline_writer(conn: psycopg.AsyncConnection[Any]) -> Writer:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=500, help="records per transaction (CREDITD_FLUSH_BATCH)")
+    parser.add_argument("--batch", type=int, default=200, help="records per transaction (CREDITD_FLUSH_BATCH)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--paths", default="sqlalchemy,copy,pipeline")
     args = parser.parse_args()

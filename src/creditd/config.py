@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json lines, or text for a terminal")
     # Write-behind of usage to the database
     flush_interval_seconds: Seconds = Field(0.2, description="write usage to the database this often")
-    flush_batch: int = Field(500, ge=1, description="records per database write")
+    flush_batch: int = Field(200, ge=1, description="records per database write")
     # What the platform gives and charges agencies unless an agency is created with overrides
     platform_free_voice_micros: Micros = Field(
         PLATFORM_FREE_VOICE_MICROS, description="monthly free voice allowance of a new agency, micro-credits"
