@@ -113,3 +113,25 @@ async def test_stop_gives_the_collector_back() -> None:
     assert gc.get_threshold() == threshold
     assert gc.get_freeze_count() == 0
     assert not tuned.running
+
+
+def test_a_long_collection_brings_the_next_one_forward_in_proportion() -> None:
+    every, goal = gc_tuning.YOUNG_EVERY_SECONDS, gc_tuning.PAUSE_GOAL_SECONDS
+    assert gc_tuning.next_delay(every, every, 2 * goal) == pytest.approx(every / 2)
+    assert gc_tuning.next_delay(every, every / 2, 2 * goal) == pytest.approx(every / 4)
+    assert gc_tuning.next_delay(every, every, 100 * goal) == pytest.approx(every / 4)  # never more often
+    # Pauses back under the goal: the interval doubles back to `every`, no further.
+    assert gc_tuning.next_delay(every, every / 4, goal / 2) == pytest.approx(every / 2)
+    assert gc_tuning.next_delay(every, every / 2, goal / 2) == pytest.approx(every)
+    assert gc_tuning.next_delay(every, every, 0.0) == pytest.approx(every)
+
+
+async def test_the_timer_follows_the_pauses_it_measures(
+    collector: gc_tuning.Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gc_tuning, "PAUSE_GOAL_SECONDS", 0.0)  # every collection is "long"
+    await after_collections(collector, 3)
+    assert collector.delay == pytest.approx(collector.every / 4)
+    monkeypatch.setattr(gc_tuning, "PAUSE_GOAL_SECONDS", 3600.0)  # every collection is short
+    await after_collections(collector, 3)
+    assert collector.delay == pytest.approx(collector.every)

@@ -30,6 +30,10 @@ So `tune()`, in `creditd serve` (not in processes that embed the server), does t
   cycle (its handler lookup, about 12 objects an RPC) is made and dropped within one
   step, where no freeze can find it. tests/api/test_garbage.py checks every kind of call;
   docs/operations.md gives what a run left;
+- a collection's cost grows with what was created since the last one, so when one takes
+  longer than `PAUSE_GOAL_SECONDS` (thousands of calls cut off or settled in the same
+  second make ten times the usual garbage), the next one comes sooner, down to a quarter
+  of the interval, and the interval grows back as the pauses shrink;
 - the collector's own trigger stays on, at 20,000 allocations, for whatever the loop's
   timer cannot reach in time (a burst of allocations in one long step).
 """
@@ -38,11 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
 YOUNG_EVERY_SECONDS = 0.1  # how often the young generations are collected and frozen
 YOUNG_THRESHOLD = 20_000  # allocations between automatic generation-0 collections (CPython: 700)
 MIDDLE_THRESHOLD = 20  # generation-0 collections between generation-1 ones (CPython: 10)
 OLD_THRESHOLD = 10  # generation-1 collections before a full one is considered (CPython: 10)
+PAUSE_GOAL_SECONDS = 0.005  # a young collection longer than this brings the next one forward
 
 
 class Collector:
@@ -51,6 +57,7 @@ class Collector:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, every: float = YOUNG_EVERY_SECONDS) -> None:
         self.every = every
+        self.delay = every  # until the next collection: `every`, or less after a long pause
         self.collections = 0
         self._loop = loop
         self._previous = gc.get_threshold()
@@ -60,10 +67,12 @@ class Collector:
         self._handle: asyncio.TimerHandle | None = loop.call_later(every, self._collect)
 
     def _collect(self) -> None:
+        started = time.perf_counter()
         gc.collect(1)  # generation 1 is empty unless the automatic trigger fired since
         gc.freeze()
         self.collections += 1
-        self._handle = self._loop.call_later(self.every, self._collect)
+        self.delay = next_delay(self.every, self.delay, time.perf_counter() - started)
+        self._handle = self._loop.call_later(self.delay, self._collect)
 
     @property
     def running(self) -> bool:
@@ -75,6 +84,15 @@ class Collector:
             self._handle = None
         gc.set_threshold(*self._previous)
         gc.unfreeze()
+
+
+def next_delay(every: float, delay: float, pause: float) -> float:
+    """The wait before the next young collection, after one that took `pause` seconds
+    `delay` seconds after the one before: shorter in proportion when the pause was over
+    the goal (the garbage comes faster), back towards `every` when it was under."""
+    if pause > PAUSE_GOAL_SECONDS:
+        return max(every / 4, delay * PAUSE_GOAL_SECONDS / pause)
+    return min(every, delay * 2)
 
 
 def tune() -> Collector:
