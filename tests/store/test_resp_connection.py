@@ -122,3 +122,37 @@ async def test_replies_follow_their_commands_through_many_lost_connections() -> 
         assert await connection.call(["ECHO", "last"]) == "last"
     finally:
         connection.close()
+
+
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) >= tonumber(ARGV[1])
+return 'done'
+"""
+
+
+async def test_commands_queued_while_a_write_is_unanswered_go_together_after_its_reply() -> None:
+    """One write in flight at a time: what callers queue in the following turns of the loop,
+    while Redis is still busy with the first write, is written at once when its reply comes,
+    and every caller gets its own reply; an idle connection writes at once."""
+    connection = RespConnection(services.REDIS_URL)
+    try:
+        assert await connection.call(["ECHO", "warm"]) == "warm"
+        writes = connection.writes
+        busy = asyncio.create_task(connection.call(["EVAL", BUSY_SCRIPT, 0, 300_000]))  # 0.3 s in Redis
+        await asyncio.sleep(0)  # the script is written at the end of this turn
+        echoes = []
+        for n in range(20):  # one caller a turn, all while the script runs
+            echoes.append(asyncio.create_task(connection.call(["ECHO", f"e{n}"])))
+            await asyncio.sleep(0)
+        assert not busy.done()
+        assert connection.writes == writes + 1  # the script alone so far
+        assert await busy == "done"
+        assert await asyncio.gather(*echoes) == [f"e{n}" for n in range(20)]
+        assert connection.writes == writes + 2  # the twenty echoes in one write
+        assert await connection.call(["ECHO", "idle"]) == "idle"
+        assert connection.writes == writes + 3
+    finally:
+        connection.close()
