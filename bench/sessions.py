@@ -599,7 +599,10 @@ def main() -> None:
     parser.add_argument("--loadgen-procs", type=int, default=2)
     parser.add_argument("--ramp-concurrency", type=int, default=32, help="Authorize calls in flight per load process")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--profile", help="py-spy raw profile of the server (30 s of the hold) written here")
+    parser.add_argument(
+        "--profile",
+        help="py-spy raw profile of the server written here: 30 s of the hold, or the 8 s around the pool's burst",
+    )
     args = parser.parse_args()
     plan = _plan(args)
     if args.new_calls and plan["poor"] >= min(args.clients, plan["dry_from"]):
@@ -659,16 +662,19 @@ def main() -> None:
                     *("--client-from", str(plan["poor"]), "--client-to", str(plan["dry_from"])),
                 )
                 new_calls = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            spy = None
-            if args.profile:
-                command = ["py-spy", "record", "--pid", str(server.pid), "--rate", "200", "--format", "raw"]
-                spy = subprocess.Popen(
-                    [*command, "--duration", str(int(min(window, 30))), "--output", args.profile],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+            spy: subprocess.Popen[bytes] | None = None
+            # pool: the seconds around the moment the pool runs out; spread: the first 30 s
+            profile_from = max(0, plan["dry_slices"] * args.slice - 2) if plan["dry_sessions"] else 0
+            profile_for = 8 if plan["dry_sessions"] else int(min(window, 30))
             rss_peak = 0
             while time.monotonic() - started < window:
+                if args.profile and spy is None and time.monotonic() - started >= profile_from:
+                    command = ["py-spy", "record", "--pid", str(server.pid), "--rate", "200", "--format", "raw"]
+                    spy = subprocess.Popen(
+                        [*command, "--duration", str(profile_for), "--output", args.profile],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 rss_peak = max(rss_peak, rss_bytes(server.pid))
                 time.sleep(1.0)
             cores = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - started)
