@@ -22,7 +22,8 @@ def _server_side(obj: Any) -> bool:
         return "/creditd/" in obj.f_code.co_filename
     # Server objects: creditd's own (its messages are creditd.v1, the client's creditd_client.v1),
     # the write-behind's SQL statements and gRPC's per-call state.
-    if kind.__module__.startswith(("creditd", "sqlalchemy")):
+    module = kind.__module__
+    if isinstance(module, str) and module.startswith(("creditd", "sqlalchemy")):  # Cython's types: not a str
         return True
     return kind.__name__ in ("RPCState", "_ServicerContext", "AbortError")
 
