@@ -141,7 +141,7 @@ async def test_commands_queued_while_a_write_is_unanswered_go_together_after_its
     try:
         assert await connection.call(["ECHO", "warm"]) == "warm"
         writes = connection.writes
-        busy = asyncio.create_task(connection.call(["EVAL", BUSY_SCRIPT, 0, 300_000]))  # 0.3 s in Redis
+        busy = asyncio.create_task(connection.call(["EVAL", BUSY_SCRIPT, 0, 1_000_000]))  # 1 s in Redis
         await asyncio.sleep(0)  # the script is written at the end of this turn
         echoes = []
         for n in range(20):  # one caller a turn, all while the script runs
