@@ -182,6 +182,15 @@ async def test_stream_protocol_violations_close_only_that_stream(api: Api) -> No
     assert (error.code(), error_info(error).metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "seconds_used")
     error = await _stream_error(api, start, start)
     assert error_info(error).reason in ("STREAM_ALREADY_STARTED", "SESSION_RESUMED_ELSEWHERE")
+    for client_id in ("", "\x00", "c 1"):  # checked before any account is looked up
+        bad = metering_pb2.StreamUsageRequest(
+            start=metering_pb2.SessionStart(session_id="s1", client_id=client_id, channel=common_pb2.CHANNEL_VOICE)
+        )
+        error = await _stream_error(api, bad)
+        assert (error.code(), error_info(error).metadata["field"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start.client_id",
+        ), client_id
 
     summary = (await api.end_call(live, 3)).summary  # the other call never noticed
     assert summary.billed_seconds == 3

@@ -143,6 +143,8 @@ class MeteringServicer:
                 limits.check(message)
                 request = convert.stream_request(message)
                 if hasattr(request, "client_id"):
+                    # checked before the catalog sees it (a NUL byte would reach the database)
+                    validation.require_id(request.client_id, "start.client_id")
                     principal.require(Action.METER, await self.ctx.catalog.account(request.client_id))
                     if logs.session_id.get() is None:
                         logs.session_id.set(str(getattr(request, "session_id", ""))[: logs.MAX_LOGGED_ID] or None)
