@@ -3,9 +3,9 @@
 N sessions (--sessions, 10,000) are authorized and answered, evenly over --ramp-seconds
 (one slice, so that their slices end and renew evenly, as a steady state of calls does),
 then each reports its cumulative seconds every --report-every seconds (5) for --hold
-seconds, while --new-calls (200) new calls a second are authorized alongside. Some sessions run out of money during
-the hold and must be cut by the server with a Cutoff at the end of their last grant,
-driven by its own timer. Two ways to run dry (--scenario):
+seconds, while --new-calls (200) new calls a second are authorized alongside. Some
+sessions run out of money during the hold and must be cut by the server with a Cutoff at
+the end of their last grant, driven by its own timer. Two ways to run dry (--scenario):
 
   spread  --poor-clients of the --clients client accounts (40 of 200) pay for about 1.5
           slices per session: their sessions run dry one by one, spread over a slice;
@@ -270,7 +270,10 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
                 break
         except grpc.aio.AioRpcError as exc:
             session.error = exc.code().name
-            details[f"{exc.code().name}: {exc.details()}"[:200]] = time.time()
+            # whether the server was due to cut the call then (its grant had ended): a write
+            # that crosses the server's end of the call fails at the caller
+            due = "grant ended" if time.time() >= session.grant_end else "within its grant"
+            details[f"{exc.code().name}: {exc.details()} ({due})"[:200]] = time.time()
         finally:
             reporter.cancel()
 
@@ -623,6 +626,13 @@ def main() -> None:
         " evenly, as a steady state of calls does); 0: as fast as --ramp-concurrency allows, and every renewal of"
         " the hold comes in one wave",
     )
+    parser.add_argument(
+        "--load-nice",
+        type=int,
+        default=0,
+        help="run the sessions' load processes at this niceness (not the new calls' process): on a machine whose"
+        " cores the load fills, the server, Redis and Postgres then run first, as beside callers on other hosts",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument(
         "--profile",
@@ -665,6 +675,8 @@ def main() -> None:
                     *("--ramp-concurrency", str(args.ramp_concurrency)),
                     *("--ramp-seconds", str(args.slice if args.ramp_seconds is None else args.ramp_seconds)),
                 )
+                if args.load_nice:
+                    command = ["nice", "-n", str(args.load_nice), *command]
                 generators.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
             ready = 0
             for generator in generators:

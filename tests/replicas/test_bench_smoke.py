@@ -63,6 +63,7 @@ def test_the_sessions_benchmark_runs(tmp_path: Path) -> None:
     result = json.loads(report.read_text())
     assert (result["started"], result["errors"], result["denied"], result["unfinished"]) == (100, 0, 0, 0), output
     assert result["pool"]["dry_sessions"] == result["dry_cutoffs"] == result["cutoffs"] == 20, output
+    assert result["cutoffs_in_hold"] == 20, output  # the pool runs dry in the hold, not in the ramp
     assert result["cutoff_reasons"] == [common_pb2.DENY_REASON_AGENCY_CREDITS_EXHAUSTED], output
     assert result["pool"]["grant_ends_spread_seconds"] < 2  # answered together, so cut together
     assert result["cutoff_lateness_ms"]["max"] is not None
@@ -81,7 +82,7 @@ def test_the_sessions_benchmark_runs_on_the_bare_servicer(tmp_path: Path) -> Non
     done, output = _run(
         "sessions.py",
         *("--server", "bare", "--sessions", "50", "--clients", "10", "--poor-clients", "2", "--loadgen-procs", "1"),
-        *("--hold", "3", "--report-every", "1", "--new-calls", "10", "--json", str(report)),
+        *("--hold", "3", "--report-every", "1", "--new-calls", "10", "--ramp-seconds", "0", "--json", str(report)),
     )
     result = json.loads(report.read_text())
     assert (result["started"], result["errors"], result["denied"], result["summaries"]) == (50, 0, 0, 50), output
