@@ -292,7 +292,7 @@ class App:
         store = self.ctx.store
         lost = set(store.lost)
         if store.sharded:
-            agencies = self.ctx.catalog.agency_ids()
+            agencies = await self.ctx.catalog.agency_ids()
             lost |= set(agencies) - await store.agencies_present(agencies)
         return lost
 

@@ -299,6 +299,33 @@ async def test_migration_gives_existing_keys_the_agency_of_their_account(databas
         engine.dispose()
 
 
+async def test_a_session_says_when_it_was_answered_and_older_rows_are_taken_as_answered(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url, "0003")
+    engine = _sync_engine(database_url)
+    try:
+        with engine.begin() as conn:  # an open session written before started_at existed
+            conn.execute(
+                sa.text(
+                    "INSERT INTO sessions (session_id, client_id, agency_id, channel, direction, provider, status,"
+                    " granted_seconds, billed_seconds, reserved, charged, updated_at, cutoff_reason)"
+                    " VALUES ('old', 'c1', 'a1', 1, 1, '', 'open', 60, 0, '{}', '{}', 1500000, 0)"
+                )
+            )
+        await asyncio.to_thread(upgrade, database_url)
+        db = Database(database_url)
+        try:
+            old = await db.get_session("a1", "old")
+            assert old is not None and old.started_at == 1.5  # the rule it was written under: answered
+            waiting, answered = session("waiting", "open", 60, T0), session("answered", "open", 60, T0, started_at=T0)
+            await db.write_records([waiting, answered])
+            assert await db.get_session("a1", "waiting") == waiting and waiting.started_at == 0
+            assert await db.get_session("a1", "answered") == answered
+        finally:
+            await db.close()
+    finally:
+        engine.dispose()
+
+
 async def test_concurrent_topups_with_one_key_credit_once(database: Database) -> None:
     attempts = [topup("a1", "pay-race", 1_000_000 * (i + 1)) for i in range(8)]
     results = await asyncio.gather(

@@ -16,7 +16,9 @@ async def _activity(server: Running) -> None:
     await api.authorize("done", "c1")
     call, _ = await api.start_call("done", "c1")
     await api.end_call(call, 90)
-    await api.authorize("live", "c1")  # still holding its reservation
+    await api.authorize("live", "c1")
+    await api.start_call("live", "c1")  # answered, and still holding its reservation
+    await api.authorize("waiting", "c1")  # authorized, never answered
 
 
 async def test_reconcile_finds_no_difference_after_activity_and_finds_a_tampered_wallet(server: Running) -> None:
@@ -39,14 +41,15 @@ async def test_rebuild_restores_the_hot_store_exactly(server: Running) -> None:
     await server.app.flusher.flush()
     await server.app.metering.close()  # no run may settle the live session behind our back
     settled = await rebuild(ctx)
-    assert settled == 1  # the live authorization, settled at its full grant
+    assert settled == 2  # the live call, settled at its full grant; the waiting one released
     after = {(a, b): await ctx.store.read_wallet("a1", a, b, ctx.now()) for a in ("a1", "c1") for b in BalanceType}
     for key, wallet in before.items():
         assert wallet is not None and after[key] is not None
         rebuilt = after[key]
         assert rebuilt is not None
         assert rebuilt.reserved_micros == 0
-        # the live session's 60 s grant was billed: one credit on each payer's voice wallet
+        # the live call's 60 s grant was billed: one credit on each payer's voice wallet; the
+        # call that was never answered, nothing
         billed = CREDIT if key[1] is BalanceType.VOICE else 0
         assert rebuilt.free_micros + rebuilt.purchased_micros == wallet.free_micros + wallet.purchased_micros - billed
     assert await reconcile(ctx) == []

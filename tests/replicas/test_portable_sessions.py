@@ -12,6 +12,7 @@ from creditd.engine import durability
 from creditd.engine.clock import ManualClock
 from tests.calls import Call, session
 from tests.conftest import CREDIT, Running, ServerFactory
+from tests.crash.procs import Ledger
 
 pytestmark = pytest.mark.parametrize("backend", ["redis+postgres"], indirect=True)
 PER_SECOND = 60 * CREDIT
@@ -138,3 +139,31 @@ async def test_an_authorization_answered_nowhere_is_released_once_at_its_expiry(
     assert await _used_and_reserved(r1) == (0, 0)
     final = await Call(r2.api).start("s1", "c1")
     assert (final.cutoff.reason, final.cutoff.billed_seconds) == (common_pb2.DENY_REASON_SESSION_ABANDONED, 0)
+
+
+async def test_an_authorization_whose_replica_died_is_released_by_another_and_an_answered_call_billed(
+    make_server: ServerFactory, clock: ManualClock
+) -> None:
+    # Nobody serves either call once their replica is gone: when their leases run out the
+    # other replica's sweeper settles them, the answered one at its whole grant and the one
+    # never answered at 0 s (it used nothing).
+    async with make_server(clock=clock) as r2:
+        async with make_server(clock=clock) as r1:
+            api = r1.api
+            await api.agency("a1", free_voice_micros=10_000 * CREDIT, default_voice_micros_per_minute=PER_SECOND)
+            await api.plan("a1", "p", free_voice_micros=10_000 * CREDIT, default_voice_micros_per_minute=PER_SECOND)
+            await api.client("c1", "a1", "p")
+            await api.authorize("answered", "c1")
+            await api.authorize("waiting", "c1")
+            call = Call(api)
+            await call.start("answered", "c1")
+            await r1.app.metering.close()  # a crash: its timers go with it, nothing is settled
+        assert await _used_and_reserved(r2) == (0, 2 * 60 * CREDIT)
+        await clock.advance(60 + 60 + 30 + 5)  # past every lease: authorization, slice and grace
+        assert await _used_and_reserved(r2) == (60 * CREDIT, 0)
+        await r2.app.flusher.flush()
+        sessions = Ledger(r2.app.ctx.settings.database_url).sessions()
+        abandoned = common_pb2.DENY_REASON_SESSION_ABANDONED
+        assert sessions["answered"] == ("settled", 60, 60, abandoned)
+        assert sessions["waiting"] == ("settled", 60, 0, abandoned)
+        assert await durability.reconcile(r2.app.ctx) == []

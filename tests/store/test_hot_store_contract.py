@@ -411,6 +411,21 @@ async def test_exact_arithmetic_at_the_ceilings(store: HotStore) -> None:
         assert state.reserved_micros == tariff.cost(granted) <= funds[account]
 
 
+async def test_the_first_claim_records_when_the_call_was_answered(store: HotStore) -> None:
+    await wallet(store, "ag", purchased=2 * C)
+    await reserve(store, "s1", 60, {"ag": terms(C)}, open_as=opening())
+    opened = [r for r in await drain(store) if isinstance(r, SessionRecord)]
+    assert [r.started_at for r in opened] == [0.0]  # authorized, not answered
+    claimed = await store.claim(AGENCY, "s1", "c1", T0 + 5, T0 + 95)
+    assert claimed is not None and claimed.started_at == T0 + 5
+    answered = [r for r in await drain(store) if isinstance(r, SessionRecord)]
+    assert [(r.session_id, r.status, r.granted_seconds, r.started_at) for r in answered] == [("s1", "open", 60, T0 + 5)]
+    await store.claim(AGENCY, "s1", "c1", T0 + 7, T0 + 97)  # taken over: answered once, nothing new
+    assert [r for r in await drain(store) if isinstance(r, SessionRecord)] == []
+    await reserve(store, "s1", 60, {"ag": terms(C, 60)}, epoch=3)  # every later state says it too
+    assert [r.started_at for r in await drain(store) if isinstance(r, SessionRecord)] == [T0 + 5]
+
+
 # -- settle ----------------------------------------------------------------------------------
 
 

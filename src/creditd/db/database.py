@@ -181,7 +181,7 @@ def _event(r: Mapping[Any, Any]) -> EventRecord:
 
 
 def _session(r: Mapping[Any, Any]) -> SessionRecord:
-    return SessionRecord(**{**r, "updated_at": _ts(r["updated_at"])})
+    return SessionRecord(**{**r, "updated_at": _ts(r["updated_at"]), "started_at": _ts(r["started_at"])})
 
 
 def _cursor(cursor: str | None) -> int | None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration of this release (tests/db check that it is Alembic's head).
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 # Migrations run as plain blocking code: each asyncio driver through its blocking twin.
 _SYNC_DRIVERS = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}
 

@@ -92,6 +92,7 @@ SESSION_COLUMNS = (
     "charged",
     "updated_at",
     "cutoff_reason",
+    "started_at",
 )
 
 
@@ -149,6 +150,7 @@ def session_values(s: SessionRecord) -> tuple[Any, ...]:
         dict(s.charged),
         epoch_us(s.updated_at),
         s.cutoff_reason,
+        epoch_us(s.started_at),
     )
 
 

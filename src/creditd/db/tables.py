@@ -160,5 +160,8 @@ sessions = sa.Table(
     sa.Column("charged", Json, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Column("cutoff_reason", sa.Integer, nullable=False),
+    # when the call was answered (0: never): a rebuild after a loss releases a session that
+    # was authorized but never answered, and bills an answered one its whole grant
+    sa.Column("started_at", sa.BigInteger, nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("agency_id", "session_id"),
 )

@@ -108,6 +108,7 @@ class SessionRecord:
     charged: dict[str, int]
     updated_at: float
     cutoff_reason: int = 0
+    started_at: float = 0.0  # when the call was answered (its first SessionStart); 0: not answered
 
 
 Record = LedgerRecord | EventRecord | SessionRecord

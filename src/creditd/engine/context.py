@@ -27,14 +27,22 @@ class Catalog:
         self._plans: dict[tuple[str, str], Plan] = {}
         # client id -> the parties of its usage, built once (every change clears them all)
         self.parties: dict[str, Parties] = {}
+        # Every agency, for the work done agency by agency (the sweeper, a cluster's loss
+        # check): kept when an entry is dropped, and told of agencies created elsewhere
+        # through the ids of changed accounts, read again by agency_ids().
+        self._agency_ids: set[str] = set()
+        self._changed: set[str] = set()
 
     async def load(self) -> None:
         self.parties.clear()
         self._accounts = {a.account_id: a for a in await self._db.list_accounts()}
         self._plans = {(p.agency_id, p.plan_id): p for p in await self._db.list_plans()}
+        self._agency_ids = {a.account_id for a in self._accounts.values() if a.is_agency}
+        self._changed.clear()
 
     def forget(self, account_id: str) -> None:
         self.parties.clear()
+        self._changed.add(account_id)
         account = self._accounts.pop(account_id, None)
         if account is not None and account.plan_id:
             self._plans.pop((account.agency_id, account.plan_id), None)
@@ -46,6 +54,8 @@ class Catalog:
     def put(self, account: Account) -> None:
         self.parties.clear()
         self._accounts[account.account_id] = account
+        if account.is_agency:
+            self._agency_ids.add(account.account_id)
 
     def put_plan(self, plan: Plan) -> None:
         self.parties.clear()
@@ -57,6 +67,8 @@ class Catalog:
             account = await self._db.get_account(account_id)
             if account is not None:
                 self._accounts[account_id] = account
+                if account.is_agency:
+                    self._agency_ids.add(account_id)
         return account
 
     async def account(self, account_id: str) -> Account:
@@ -87,8 +99,16 @@ class Catalog:
     async def client_plan(self, client: Account) -> Plan | None:
         return await self.plan(client.agency_id, client.plan_id) if client.plan_id else None
 
-    def agency_ids(self) -> list[str]:
-        return [a.account_id for a in self._accounts.values() if a.is_agency]
+    async def agency_ids(self) -> list[str]:
+        """Every agency: those loaded at start or seen since, and those created on another
+        replica (whose notification named them), each read once from the database."""
+        while self._changed:
+            account_id = next(iter(self._changed))
+            account = await self.find(account_id)
+            if account is not None and account.is_agency:
+                self._agency_ids.add(account_id)
+            self._changed.discard(account_id)
+        return sorted(self._agency_ids)
 
 
 @dataclass

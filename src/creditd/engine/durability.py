@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from creditd.aio import raise_if_cancelled
 from creditd.domain.accounts import Account, Plan
 from creditd.domain.periods import period_bounds_epoch
-from creditd.domain.records import BalanceType, DenyReason, EventRecord, EventType, Record, SessionRecord
+from creditd.domain.records import BalanceType, EventRecord, EventType, Record, SessionRecord
 from creditd.domain.wallet import WalletState
 from creditd.engine.context import Context
 from creditd.errors import StoreUnavailable
@@ -158,6 +158,7 @@ async def _rebuild(ctx: Context, wanted: Callable[[str], bool]) -> int:
             granted_seconds=r.granted_seconds,
             reserved=dict(r.reserved),
             expires_at=now,
+            started_at=r.started_at,
         )
         for r in open_sessions
         if wanted(r.agency_id)
@@ -168,18 +169,9 @@ async def _rebuild(ctx: Context, wanted: Callable[[str], bool]) -> int:
     ]
     await ctx.store.load(wallets, sessions, applied)
     for session in sessions:
-        # Nobody can prove how much of the grant was used: bill all of it, which is
-        # exactly what was reserved, so no payer goes below zero.
-        await ctx.store.settle(
-            SettleRequest(
-                session_id=session.session_id,
-                agency_id=session.agency_id,
-                billed_seconds=session.granted_seconds,
-                costs=dict(session.reserved),
-                now=now,
-                cutoff_reason=int(DenyReason.SESSION_ABANDONED),
-            )
-        )
+        # As the database last saw it: a call answered within the write-behind's lag before
+        # the loss is released as never answered, as a renewal in that lag is not billed.
+        await ctx.store.settle(SettleRequest.abandoned(session, now))
     return len(sessions)
 
 

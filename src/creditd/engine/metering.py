@@ -257,23 +257,17 @@ class Metering:
 
     async def sweep(self) -> int:
         """Settle sessions whose lease ran out and that no stream here serves (their replica
-        died, or their run failed), billing everything granted. Returns how many."""
+        died, or their run failed): an answered call billed everything granted, one never
+        answered released (SettleRequest.abandoned). Returns how many."""
         now = self.ctx.now()
         settled = 0
-        for agency_id in self.ctx.catalog.agency_ids():
+        for agency_id in await self.ctx.catalog.agency_ids():
             mine = {session_id for agency, session_id in self.voice.sessions if agency == agency_id}
             for state in await self.ctx.store.live_sessions(agency_id, skip=mine):
                 if state.session_id in mine or state.expires_at >= now or state.channel != Channel.VOICE:
                     continue
-                request = SettleRequest(
-                    session_id=state.session_id,
-                    agency_id=agency_id,
-                    billed_seconds=state.granted_seconds,
-                    costs=dict(state.reserved),
-                    now=now,
-                    cutoff_reason=int(DenyReason.SESSION_ABANDONED),
-                    epoch=state.epoch,  # a replica that claims it meanwhile keeps it
-                )
+                # a replica that claims it meanwhile keeps it (its epoch is then newer)
+                request = SettleRequest.abandoned(state, now, epoch=state.epoch)
                 try:
                     result = await self.ctx.store.settle(request)
                 except SessionTakenOver:

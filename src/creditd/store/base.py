@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from creditd.domain.records import BalanceType, LedgerRecord, Record
+from creditd.domain.records import BalanceType, DenyReason, LedgerRecord, Record
 from creditd.domain.tariff import SliceTerms
 from creditd.domain.wallet import Constraint, WalletConfig, WalletState
 from creditd.errors import CreditdError, FailedPrecondition, StoreUnavailable
@@ -104,6 +104,23 @@ class SettleRequest:
     now: float
     cutoff_reason: int = 0
     epoch: int = 0  # the settling owner's; 0: whoever owns it (the rebuild, an expired lease)
+
+    @classmethod
+    def abandoned(cls, state: SessionState, now: float, epoch: int = 0) -> SettleRequest:
+        """Settle a session that nobody serves any more (SESSION_ABANDONED). A call that was
+        answered is billed its whole grant: nobody can prove how much of it was used, and it
+        is exactly what was reserved, so no payer goes below zero. One that was authorized
+        and never answered used nothing: it is released at 0 s."""
+        answered = bool(state.started_at)
+        return cls(
+            session_id=state.session_id,
+            agency_id=state.agency_id,
+            billed_seconds=state.granted_seconds if answered else 0,
+            costs=dict(state.reserved) if answered else dict.fromkeys(state.reserved, 0),
+            now=now,
+            cutoff_reason=int(DenyReason.SESSION_ABANDONED),
+            epoch=epoch,
+        )
 
 
 @dataclass(slots=True)

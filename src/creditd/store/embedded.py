@@ -86,6 +86,7 @@ class EmbeddedHotStore(HotStore):
             charged=dict(state.charged),
             updated_at=now,
             cutoff_reason=state.cutoff_reason,
+            started_at=state.started_at,
         )
 
     async def ping(self) -> bool:
@@ -270,6 +271,7 @@ class EmbeddedHotStore(HotStore):
             return state
         if not state.started_at and now > state.authorized_until:
             return replace(state, status="expired")
+        answered = not state.started_at
         state = replace(
             state,
             epoch=state.epoch + 1,
@@ -277,6 +279,8 @@ class EmbeddedHotStore(HotStore):
             expires_at=max(state.expires_at, lease_until),
         )
         self._sessions[(agency_id, session_id)] = state
+        if answered:  # the database learns that the call was answered (see durability.rebuild)
+            self._emit([self._session_record(state, now)])
         return state
 
     async def debit_sms(self, request: SmsDebitRequest) -> SmsDebitResult:

@@ -494,7 +494,8 @@ class RedisHotStore(HotStore):
     ) -> SessionState | None:
         key = self._session_key(agency_id, session_id)
         args = [*self._common(now, ()), client_id, repr(float(lease_until))]
-        reply = await self._eval("claim", agency_id, [key, self._agency_marker(agency_id)], args)
+        keys = [key, self._agency_marker(agency_id), self._outbox_key(agency_id)]
+        reply = await self._eval("claim", agency_id, keys, args)
         status = reply[0]
         if status in ("OK", "DONE", "EXPIRED"):
             state = _session_from(dict(zip(reply[1::2], reply[2::2], strict=True)))
@@ -955,5 +956,7 @@ def decode_record(text: str) -> Record:
             charged={str(k): int(v) for k, v in data["charged"].items()},
             updated_at=float(data["updated_at"]),
             cutoff_reason=int(data.get("cutoff_reason", 0)),
+            # a record of a version before started_at: taken as answered (see migration 0004)
+            started_at=float(data.get("started_at", data["updated_at"])),
         )
     raise ValueError(f"not an outbox record: {text[:80]!r}")

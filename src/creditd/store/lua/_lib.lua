@@ -194,6 +194,7 @@ local function session_record(s)
     ',"charged":', jmap(s.charged_order, s.charged),
     ',"updated_at":', NOW_TEXT,
     ',"cutoff_reason":', fmt(s.cut),
+    ',"started_at":', s.sa, -- '0', or NOW_TEXT of the claim that answered the call
     '}',
   }
   return table.concat(parts)
