@@ -169,8 +169,9 @@ async def _rebuild(ctx: Context, wanted: Callable[[str], bool]) -> int:
     ]
     await ctx.store.load(wallets, sessions, applied)
     for session in sessions:
-        # As the database last saw it: a call answered within the write-behind's lag before
-        # the loss is released as never answered, as a renewal in that lag is not billed.
+        # Each session as of the database's last write: a call answered within the
+        # write-behind's lag before the loss reads as never answered and is released, as a
+        # renewal reserved in that lag is not billed (docs/durability.md).
         await ctx.store.settle(SettleRequest.abandoned(session, now))
     return len(sessions)
 
