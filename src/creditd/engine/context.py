@@ -53,6 +53,9 @@ class Catalog:
 
     def put(self, account: Account) -> None:
         self.parties.clear()
+        self._keep(account)
+
+    def _keep(self, account: Account) -> None:
         self._accounts[account.account_id] = account
         if account.is_agency:
             self._agency_ids.add(account.account_id)
@@ -66,9 +69,7 @@ class Catalog:
         if account is None:
             account = await self._db.get_account(account_id)
             if account is not None:
-                self._accounts[account_id] = account
-                if account.is_agency:
-                    self._agency_ids.add(account_id)
+                self._keep(account)
         return account
 
     async def account(self, account_id: str) -> Account:
@@ -104,9 +105,7 @@ class Catalog:
         replica (whose notification named them), each read once from the database."""
         while self._changed:
             account_id = next(iter(self._changed))
-            account = await self.find(account_id)
-            if account is not None and account.is_agency:
-                self._agency_ids.add(account_id)
+            await self.find(account_id)  # an agency found is kept in the list
             self._changed.discard(account_id)
         return sorted(self._agency_ids)
 
